@@ -1,0 +1,1 @@
+//! PCI: placeholder, replaced by the PCI work.

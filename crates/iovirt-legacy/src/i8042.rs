@@ -1,0 +1,1 @@
+//! Placeholder for the i8042 model.
