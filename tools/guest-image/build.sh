@@ -231,7 +231,7 @@ payload_format() {
 
 # extract_vmlinux BZIMAGE DEST -> prints the compression; DEST is an ELF.
 extract_vmlinux() {
-	local bz=$1 dest=$2 setup pm off len fmt magic
+	local bz=$1 dest=$2 setup pm off len fmt magic expect='' rc=0
 	local payload="$TMP/payload"
 	[[ $(od -An -c -j $((0x202)) -N4 "$bz" | tr -d ' ') == HdrS ]] || die "$bz: not a bzImage"
 	setup=$(u8 "$bz" $((0x1f1)))
@@ -242,8 +242,10 @@ extract_vmlinux() {
 	# The boot header locates the payload exactly (boot protocol >= 2.08); the kernel build
 	# appends the uncompressed size (le32) after the compressed stream, so drop those 4 bytes.
 	tail -c +$((pm + off + 1)) "$bz" | head -c $((len - 4)) >"$payload"
+	expect=$(u32le "$bz" $((pm + off + len - 4)))
 	fmt=$(payload_format "$payload")
 	if [[ $fmt == unknown ]]; then
+		expect=
 		# Fallback: scan for a known magic.
 		for magic in '\x02\x21\x4c\x18' '\x28\xb5\x2f\xfd'; do
 			off=$(LC_ALL=C grep -obUaP -m1 "$magic" "$bz" | head -n1 | cut -d: -f1) || true
@@ -254,12 +256,19 @@ extract_vmlinux() {
 		fmt=$(payload_format "$payload")
 	fi
 	case $fmt in
-	lz4) lz4 -dc <"$payload" >"$dest.tmp" 2>/dev/null || true ;;
-	zstd) zstd -dcq <"$payload" >"$dest.tmp" 2>/dev/null || true ;;
-	gzip) gzip -dc <"$payload" >"$dest.tmp" 2>/dev/null || true ;;
-	xz) xz -dc <"$payload" >"$dest.tmp" 2>/dev/null || true ;;
+	lz4) lz4 -dc <"$payload" >"$dest.tmp" 2>"$TMP/decompress.err" || rc=$? ;;
+	zstd) zstd -dcq <"$payload" >"$dest.tmp" 2>"$TMP/decompress.err" || rc=$? ;;
+	gzip) gzip -dc <"$payload" >"$dest.tmp" 2>"$TMP/decompress.err" || rc=$? ;;
+	xz) xz -dc <"$payload" >"$dest.tmp" 2>"$TMP/decompress.err" || rc=$? ;;
 	*) die "$bz: unsupported payload format" ;;
 	esac
+	if [[ -n $expect ]]; then
+		# Exact payload from the header: decompression must succeed and match the size the
+		# kernel build appended. (A magic-scan payload has trailing bytes; rely on the ELF check.)
+		((rc == 0)) || die "$bz: $fmt decompression failed: $(cat "$TMP/decompress.err")"
+		[[ $(stat -c %s "$dest.tmp") == "$expect" ]] ||
+			die "$bz: decompressed $(stat -c %s "$dest.tmp") bytes, header says $expect"
+	fi
 	[[ $(od -An -tx1 -N4 "$dest.tmp" | tr -d ' \n') == 7f454c46 ]] ||
 		die "$bz: decompressed $fmt payload is not an ELF"
 	file -b "$dest.tmp" | grep -q '^ELF 64-bit' || die "$bz: payload is not a 64-bit ELF"
@@ -267,7 +276,8 @@ extract_vmlinux() {
 	printf '%s\n' "$fmt"
 }
 
-SELF_HASH=$(cat "${BASH_SOURCE[0]}" "$SELF_DIR/init" | sha256sum | cut -c1-16)
+SELF_HASH=$(sha256sum <"${BASH_SOURCE[0]}" | cut -c1-16)
+INIT_HASH=$(sha256sum <"$SELF_DIR/init" | cut -c1-16)
 KCOMP=
 key="$(basename "$KDEB") $SELF_HASH"
 if ! fresh "$OUT/vmlinux" "$key"; then
@@ -276,7 +286,7 @@ if ! fresh "$OUT/vmlinux" "$key"; then
 	stamp "$OUT/vmlinux" "$key"
 	printf '%s\n' "$KCOMP" >"$OUT/.stamps/kernel-compression"
 fi
-KCOMP=$(<"$OUT/.stamps/kernel-compression")
+KCOMP=$(cat "$OUT/.stamps/kernel-compression" 2>/dev/null || echo unknown)
 if ! fresh "$OUT/vmlinuz" "$key"; then
 	cp "$VMLINUZ_SRC" "$OUT/vmlinuz.tmp" && mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
 	stamp "$OUT/vmlinuz" "$key"
@@ -311,7 +321,7 @@ fi
 read -ra MODS <<<"$MODULES"
 mapfile -t MODS < <(printf '%s\n' "${MODS[@]}" | awk 'NF && !seen[$0]++')
 MODULES="${MODS[*]}"
-key="$(basename "$KDEB") $(basename "$BB_DEB") $SELF_HASH $SCRIPT_HASH modules=$MODULES"
+key="$(basename "$KDEB") $(basename "$BB_DEB") $SELF_HASH $INIT_HASH $SCRIPT_HASH modules=$MODULES"
 if ! fresh "$INITRD" "$key"; then
 	log "building $(basename "$INITRD") (modules: $MODULES)"
 	BB_ROOT=$(extract "$BB_DEB")
