@@ -1,1 +1,212 @@
-fn main() {}
+//! # iovirt-vmm: the example VMM
+//!
+//! Thin wiring of iovirt's device models to KVM; the only crate in the workspace
+//! that knows KVM. A vCPU exit is dispatched to a PIO or MMIO [`iovirt_bus::Bus`],
+//! which calls the device model; device interrupts reach KVM's in-kernel irqchip
+//! through [`vm::KvmIrqLine`]. Embedders replace this binary with their own VMM.
+//!
+//! Exit status: 0 when the guest resets (i8042 0xFE, PIIX3 0xCF9, triple fault) or
+//! powers off, or the user quits with Ctrl-A x; 1 on any error (one line on stderr);
+//! 2 on a command-line error.
+
+mod boot;
+mod cli;
+mod devices;
+mod layout;
+mod standin;
+mod terminal;
+mod vcpu;
+mod vm;
+
+use std::sync::Arc;
+
+use iovirt_bus::{AddressSpace, Bus};
+use vm_memory::GuestMemoryMmap;
+
+use boot::linux::{EntryPoint, LinuxBoot};
+use boot::BootError;
+use cli::{Command, Config, SerialMode};
+use devices::{DeviceError, MachineInfo};
+use layout::MemoryLayout;
+use vcpu::{ExitHandle, ExitReason, VcpuContext};
+use vm::{Vm, VmError};
+
+/// Everything that can stop the VMM before or while the VM runs.
+#[derive(Debug, thiserror::Error)]
+enum VmmError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error("disk support arrives with virtio-blk: --disk {0} was parsed and checked, but no disk device exists yet")]
+    DisksUnsupported(String),
+    #[error("disk image {path}: {err}")]
+    DiskImage { path: String, err: std::io::Error },
+    #[error("cannot allocate {size:#x} bytes of guest memory: {err}")]
+    Memory { size: u64, err: String },
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    #[error("{0}")]
+    Guest(String),
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cmd = match cli::parse(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("iovirt-vmm: {e}");
+            std::process::exit(2);
+        }
+    };
+    let cfg = match cmd {
+        Command::Help => {
+            print!("{}", cli::USAGE);
+            return;
+        }
+        Command::Run(cfg) => cfg,
+    };
+    let code = match run(&cfg) {
+        Ok(reason) => {
+            log::info!("VM stopped: {reason:?}");
+            reason.exit_code()
+        }
+        Err(e) => {
+            eprintln!("iovirt-vmm: {e}");
+            1
+        }
+    };
+    // vCPU threads have been joined; other helper threads (stdin) are left to die with us.
+    std::process::exit(code);
+}
+
+fn check_disks(cfg: &Config) -> Result<(), VmmError> {
+    for d in &cfg.disks {
+        let path = d.path.display().to_string();
+        std::fs::metadata(&d.path).map_err(|err| VmmError::DiskImage {
+            path: path.clone(),
+            err,
+        })?;
+        return Err(VmmError::DisksUnsupported(format!("path={path}")));
+    }
+    Ok(())
+}
+
+fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
+    check_disks(cfg)?;
+    let kvm = vm::open_kvm(&cfg.kvm_device)?;
+    let mut vm = Vm::new(&kvm)?;
+
+    // Guest RAM around the PCI hole.
+    let layout = MemoryLayout::new(cfg.mem);
+    let ram =
+        GuestMemoryMmap::from_ranges(&layout.ram_ranges()).map_err(|e| VmmError::Memory {
+            size: cfg.mem,
+            err: e.to_string(),
+        })?;
+    vm.add_memory(&ram, false)?;
+
+    // What runs first: the kernel (direct boot) or the firmware at the reset vector.
+    let entry = match &cfg.kernel {
+        Some(kernel) => Some(boot::linux::load(
+            &LinuxBoot {
+                kernel,
+                initrd: cfg.initrd.as_deref(),
+                cmdline: &cfg.cmdline,
+                layout,
+            },
+            &ram,
+        )?),
+        None => None,
+    };
+    // The firmware is mapped in both cases (direct boot does not run it; it keeps the
+    // 0xE0000-0xFFFFF area and the top of 4 GiB populated as on a PC). A missing
+    // firmware is an error only when it would run.
+    let _firmware = match boot::firmware::load(&cfg.firmware, &ram) {
+        Ok(fw) => {
+            vm.add_memory(&fw.mem, true)?;
+            Some(fw)
+        }
+        Err(e) if entry.is_none() => return Err(e.into()),
+        Err(e) => {
+            log::info!("direct boot without firmware: {e}");
+            None
+        }
+    };
+
+    let pio = Arc::new(Bus::new(AddressSpace::Pio));
+    let mmio = Arc::new(Bus::new(AddressSpace::Mmio));
+    let exit = ExitHandle::new();
+    let devices = devices::wire(
+        &vm.fd,
+        &pio,
+        &mmio,
+        &MachineInfo {
+            layout,
+            cpus: cfg.cpus,
+            serial: &cfg.serial,
+            debugcon: cfg.debugcon.as_deref(),
+        },
+        &exit,
+    )?;
+
+    // vCPUs.
+    vcpu::install_kick_handler()?;
+    let mut contexts = Vec::new();
+    for i in 0..cfg.cpus {
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(i))
+            .map_err(vm::kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = vcpu::cpuid_for(&kvm, i, cfg.cpus)?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(vm::kvm_err("KVM_SET_CPUID2"))?;
+        if i == 0 {
+            if let Some(entry) = entry {
+                boot::linux::setup_boot_vcpu(&fd, &ram, entry)?;
+                match entry {
+                    EntryPoint::Pvh(a) => log::info!("vcpu0: PVH entry at {a:#x}"),
+                    EntryPoint::Linux64(a) => log::info!("vcpu0: 64-bit entry at {a:#x}"),
+                }
+            }
+        }
+        contexts.push(VcpuContext {
+            index: i,
+            fd,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            exit: exit.clone(),
+        });
+    }
+
+    // Serial input from a terminal (raw mode, restored when `_raw` drops).
+    let _raw = match cfg.serial {
+        SerialMode::Stdio => {
+            let raw = terminal::RawMode::enable();
+            terminal::spawn_input(devices.serial.clone(), exit.clone(), raw.is_some())
+                .map_err(VmmError::Thread)?;
+            raw
+        }
+        _ => None,
+    };
+
+    let mut threads = Vec::new();
+    for ctx in contexts {
+        match vcpu::spawn(ctx) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                exit.request(ExitReason::Error(format!("cannot start a vCPU thread: {e}")));
+                break;
+            }
+        }
+    }
+    let reason = exit.wait();
+    vcpu::stop_all(threads);
+    log::debug!("PIO trap counters: {:?}", pio.all_stats());
+    match reason {
+        ExitReason::Error(msg) => Err(VmmError::Guest(msg)),
+        r => Ok(r),
+    }
+}

@@ -1,0 +1,211 @@
+//! Device wiring: which iovirt model sits where on the PIO/MMIO buses, which IRQ it
+//! raises, and where its host side (terminal, log file) goes.
+//!
+//! | device          | where              | IRQ | model                                 |
+//! |-----------------|--------------------|-----|---------------------------------------|
+//! | i8042           | PIO 0x60, len 5    | 1   | stand-in (`iovirt_legacy::i8042` TBD) |
+//! | CMOS RTC        | PIO 0x70, len 2    | 8   | stand-in (`iovirt_legacy::rtc` TBD)   |
+//! | debug console   | PIO 0x402, len 1   | -   | `iovirt_legacy::debugcon::DebugCon`   |
+//! | fw_cfg          | PIO 0x510, len 2   | -   | `iovirt_legacy::fw_cfg::FwCfg`        |
+//! | PCI config      | PIO 0xCF8, len 8   | -   | stand-in (`iovirt_bus::pci` TBD)      |
+//! | COM1 16550A     | PIO 0x3F8, len 8   | 4   | `iovirt_legacy::serial::Serial`       |
+//!
+//! The PIT, PIC, IOAPIC and LAPICs are KVM's in-kernel models.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use iovirt_bus::{Bus, BusError, InterruptLine};
+use iovirt_legacy::debugcon::{DebugCon, DEBUGCON_LEN, DEBUGCON_PORT};
+use iovirt_legacy::fw_cfg::{E820Entry, FwCfg, FwCfgError, FW_CFG_LEN, FW_CFG_PORT};
+use iovirt_legacy::serial::{Serial, COM1_PORT, SERIAL_LEN};
+use kvm_ioctls::VmFd;
+
+use crate::cli::SerialMode;
+use crate::layout::MemoryLayout;
+use crate::standin::{I8042Events, PciFunction, PciRoot, Rtc, I8042};
+use crate::vcpu::{ExitHandle, ExitReason};
+use crate::vm::KvmIrqLine;
+
+/// Errors wiring devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Two devices claim the same range (a wiring bug).
+    #[error("bus: {0}")]
+    Bus(#[from] BusError),
+    /// fw_cfg refused an item.
+    #[error("fw_cfg: {0}")]
+    FwCfg(#[from] FwCfgError),
+    /// An output file could not be opened.
+    #[error("cannot open {what} file {path}: {err}")]
+    Open {
+        /// Which output.
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// The error.
+        err: io::Error,
+    },
+}
+
+/// A `Write` for the UART's output.
+pub enum SerialOut {
+    /// The process's stdout, flushed on every write (guests print prompts without newlines).
+    Stdout,
+    /// A file.
+    File(File),
+    /// Nowhere.
+    Null,
+}
+
+impl Write for SerialOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            SerialOut::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(buf)?;
+                out.flush()?;
+                Ok(buf.len())
+            }
+            SerialOut::File(f) => f.write(buf),
+            SerialOut::Null => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            SerialOut::Stdout => io::stdout().flush(),
+            SerialOut::File(f) => f.flush(),
+            SerialOut::Null => Ok(()),
+        }
+    }
+}
+
+/// The UART as wired (the terminal thread feeds its input).
+pub type SerialDevice = Arc<Mutex<Serial<SerialOut>>>;
+
+/// Devices the VMM keeps handles to after wiring.
+pub struct Devices {
+    /// COM1.
+    pub serial: SerialDevice,
+}
+
+/// Turns the i8042's reset line into a VM exit.
+struct ResetToExit(Arc<ExitHandle>);
+
+impl I8042Events for ResetToExit {
+    fn reset_requested(&mut self) {
+        self.0
+            .request(ExitReason::Reset("i8042 reset (command 0xFE)".into()));
+    }
+    fn a20_changed(&mut self, enabled: bool) {
+        log::debug!("i8042: A20 {}", if enabled { "on" } else { "off" });
+    }
+}
+
+fn create(what: &'static str, path: &Path) -> Result<File, DeviceError> {
+    OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|err| DeviceError::Open {
+            what,
+            path: path.display().to_string(),
+            err,
+        })
+}
+
+/// What the devices need to know about the machine.
+pub struct MachineInfo<'a> {
+    /// RAM layout.
+    pub layout: MemoryLayout,
+    /// vCPU count.
+    pub cpus: u32,
+    /// UART back-end.
+    pub serial: &'a SerialMode,
+    /// Debug console file.
+    pub debugcon: Option<&'a Path>,
+}
+
+fn irq(vm: &Arc<VmFd>, gsi: u32) -> Arc<dyn InterruptLine> {
+    Arc::new(KvmIrqLine::new(vm.clone(), gsi))
+}
+
+/// Create every device and put it on the buses.
+pub fn wire(
+    vm: &Arc<VmFd>,
+    pio: &Bus,
+    _mmio: &Bus,
+    info: &MachineInfo<'_>,
+    exit: &Arc<ExitHandle>,
+) -> Result<Devices, DeviceError> {
+    // COM1.
+    let out = match info.serial {
+        SerialMode::Stdio => SerialOut::Stdout,
+        SerialMode::File(p) => SerialOut::File(create("serial", p)?),
+        SerialMode::Null => SerialOut::Null,
+    };
+    let serial = Arc::new(Mutex::new(Serial::new(irq(vm, 4), out)));
+    pio.insert("serial", COM1_PORT, SERIAL_LEN, serial.clone())?;
+
+    // Debug console: SeaBIOS's log.
+    if let Some(path) = info.debugcon {
+        let con = DebugCon::new(create("debugcon", path)?);
+        pio.insert(
+            "debugcon",
+            DEBUGCON_PORT,
+            DEBUGCON_LEN,
+            Arc::new(Mutex::new(con)),
+        )?;
+    }
+
+    // i8042: keyboard controller, and the reset line SeaBIOS and Linux (reboot=k) use.
+    let i8042 = I8042::new(irq(vm, 1), Box::new(ResetToExit(exit.clone())));
+    pio.insert("i8042", 0x60, 5, Arc::new(Mutex::new(i8042)))?;
+
+    // CMOS RTC/NVRAM with the RAM sizes firmware reads when fw_cfg lacks them.
+    let mut rtc = Rtc::new();
+    rtc.set_memory_layout(info.layout.below_4g, info.layout.above_4g);
+    rtc.set_cpu_count(info.cpus);
+    pio.insert("rtc", 0x70, 2, Arc::new(Mutex::new(rtc)))?;
+
+    // fw_cfg: e820, CPU count, no boot menu (QEMU's defaults).
+    let mut fw_cfg = FwCfg::new();
+    let cpus = u16::try_from(info.cpus).unwrap_or(u16::MAX);
+    fw_cfg.set_cpu_count(cpus);
+    fw_cfg.set_max_cpus(cpus);
+    fw_cfg.set_boot_menu(false);
+    let mut e820 = vec![E820Entry {
+        addr: 0,
+        len: info.layout.below_4g,
+        kind: iovirt_legacy::fw_cfg::E820_RAM,
+    }];
+    if info.layout.above_4g > 0 {
+        e820.push(E820Entry {
+            addr: crate::layout::FOUR_GIB,
+            len: info.layout.above_4g,
+            kind: iovirt_legacy::fw_cfg::E820_RAM,
+        });
+    }
+    fw_cfg.add_e820(&e820)?;
+    fw_cfg.add_int_file("etc/show-boot-menu", 0)?;
+    pio.insert(
+        "fw_cfg",
+        FW_CFG_PORT,
+        FW_CFG_LEN,
+        Arc::new(Mutex::new(fw_cfg)),
+    )?;
+
+    // PCI: i440FX host bridge at 00:00.0, PIIX3 ISA bridge at 00:01.0.
+    let reset_exit = exit.clone();
+    let mut pci = PciRoot::new(Box::new(move || {
+        reset_exit.request(ExitReason::Reset("PIIX3 reset control (0xCF9)".into()))
+    }));
+    pci.add_function(0, PciFunction::i440fx());
+    pci.add_function(1 << 3, PciFunction::piix3());
+    pci.register(pio)?;
+
+    Ok(Devices { serial })
+}
