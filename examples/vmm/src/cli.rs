@@ -343,7 +343,15 @@ mod tests {
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert_eq!(parse_size("1024k"), Ok(1 << 20));
         assert_eq!(parse_size("4096"), Ok(4096));
-        for bad in ["", "M", "12X", "-1G", "1.5G", "99999999999999999999T", "0x10M"] {
+        for bad in [
+            "",
+            "M",
+            "12X",
+            "-1G",
+            "1.5G",
+            "99999999999999999999T",
+            "0x10M",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }
@@ -382,15 +390,36 @@ mod tests {
     #[test]
     fn errors() {
         assert!(matches!(p(&["--mem", "lots"]), Err(CliError::BadSize(_))));
-        assert!(matches!(p(&["--mem", "1M"]), Err(CliError::MemOutOfRange(_))));
+        assert!(matches!(
+            p(&["--mem", "1M"]),
+            Err(CliError::MemOutOfRange(_))
+        ));
         assert!(matches!(p(&["--cpus", "0"]), Err(CliError::BadCpus(_))));
         assert!(matches!(p(&["--bogus"]), Err(CliError::UnknownOption(_))));
         assert!(matches!(p(&["--mem"]), Err(CliError::MissingValue(_))));
-        assert!(matches!(p(&["--serial", "tcp"]), Err(CliError::BadSerial(_))));
-        assert!(matches!(p(&["--initrd", "x"]), Err(CliError::NeedsKernel(_))));
-        assert!(matches!(p(&["--cpus", "1", "--cpus", "2"]), Err(CliError::Repeated(_))));
-        for d in ["readonly=on", "path=", "path=/a,foo=1", "path=/a,readonly=maybe", "x"] {
-            assert!(matches!(p(&["--disk", d]), Err(CliError::BadDisk { .. })), "{d}");
+        assert!(matches!(
+            p(&["--serial", "tcp"]),
+            Err(CliError::BadSerial(_))
+        ));
+        assert!(matches!(
+            p(&["--initrd", "x"]),
+            Err(CliError::NeedsKernel(_))
+        ));
+        assert!(matches!(
+            p(&["--cpus", "1", "--cpus", "2"]),
+            Err(CliError::Repeated(_))
+        ));
+        for d in [
+            "readonly=on",
+            "path=",
+            "path=/a,foo=1",
+            "path=/a,readonly=maybe",
+            "x",
+        ] {
+            assert!(
+                matches!(p(&["--disk", d]), Err(CliError::BadDisk { .. })),
+                "{d}"
+            );
         }
     }
 }

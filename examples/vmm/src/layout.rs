@@ -22,8 +22,6 @@ pub const BIOS_SHADOW_SIZE: u64 = 0x2_0000;
 pub const LOW_RAM_END: u64 = 0xA_0000;
 /// Start of extended memory (1 MiB).
 pub const HIGH_RAM_START: u64 = 0x10_0000;
-/// Local APIC MMIO page.
-pub const LAPIC_START: u64 = 0xFEE0_0000;
 /// IOAPIC MMIO page.
 pub const IOAPIC_START: u64 = 0xFEC0_0000;
 /// Three pages for KVM's TSS (must be below 4 GiB and outside RAM).

@@ -83,13 +83,18 @@ fn main() {
 }
 
 fn check_disks(cfg: &Config) -> Result<(), VmmError> {
+    // Every disk is checked (so a typo shows up now), then refused.
     for d in &cfg.disks {
-        let path = d.path.display().to_string();
         std::fs::metadata(&d.path).map_err(|err| VmmError::DiskImage {
-            path: path.clone(),
+            path: d.path.display().to_string(),
             err,
         })?;
-        return Err(VmmError::DisksUnsupported(format!("path={path}")));
+    }
+    if let Some(d) = cfg.disks.first() {
+        return Err(VmmError::DisksUnsupported(format!(
+            "path={}",
+            d.path.display()
+        )));
     }
     Ok(())
 }
@@ -101,11 +106,10 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
 
     // Guest RAM around the PCI hole.
     let layout = MemoryLayout::new(cfg.mem);
-    let ram =
-        GuestMemoryMmap::from_ranges(&layout.ram_ranges()).map_err(|e| VmmError::Memory {
-            size: cfg.mem,
-            err: e.to_string(),
-        })?;
+    let ram = GuestMemoryMmap::from_ranges(&layout.ram_ranges()).map_err(|e| VmmError::Memory {
+        size: cfg.mem,
+        err: e.to_string(),
+    })?;
     vm.add_memory(&ram, false)?;
 
     // What runs first: the kernel (direct boot) or the firmware at the reset vector.
@@ -197,7 +201,9 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
         match vcpu::spawn(ctx) {
             Ok(t) => threads.push(t),
             Err(e) => {
-                exit.request(ExitReason::Error(format!("cannot start a vCPU thread: {e}")));
+                exit.request(ExitReason::Error(format!(
+                    "cannot start a vCPU thread: {e}"
+                )));
                 break;
             }
         }

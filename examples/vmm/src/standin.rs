@@ -197,9 +197,7 @@ impl BusDeviceMut for Rtc {
         let v = match offset {
             1 => {
                 let reg = self.index & 0x7f;
-                let v = self
-                    .time_reg(reg)
-                    .unwrap_or(self.nvram[usize::from(reg)]);
+                let v = self.time_reg(reg).unwrap_or(self.nvram[usize::from(reg)]);
                 if reg == 0x0c {
                     self.nvram[0x0c] = 0;
                 }
@@ -345,12 +343,8 @@ impl BusDeviceMut for PciRoot {
                 b.copy_from_slice(data);
                 self.address = u32::from_le_bytes(b);
             }
-            1 if data.len() == 1 => {
-                // PIIX3 reset control: bit 2 starts the reset.
-                if data[0] & 0x04 != 0 {
-                    (self.reset)();
-                }
-            }
+            // PIIX3 reset control: bit 2 starts the reset.
+            1 if data.len() == 1 && data[0] & 0x04 != 0 => (self.reset)(),
             4..=7 => {
                 let sub = (offset - 4) as usize;
                 if let Some((f, reg)) = self.target() {

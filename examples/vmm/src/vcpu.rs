@@ -220,7 +220,8 @@ fn run_loop(ctx: &mut VcpuContext) -> Option<ExitReason> {
         // SAFETY: `run_ptr` points at this vCPU's kvm_run mapping, alive as long as `ctx.fd`;
         // after a KVM_EXIT_IO the kernel has written `io`, and nothing else writes it
         // while this thread handles the exit.
-        let size = unsafe { std::ptr::addr_of!((*run_ptr).__bindgen_anon_1.io.size).read_volatile() };
+        let size =
+            unsafe { std::ptr::addr_of!((*run_ptr).__bindgen_anon_1.io.size).read_volatile() };
         usize::from(size).max(1)
     };
     loop {
@@ -325,7 +326,13 @@ mod tests {
 
     #[test]
     fn topology() {
-        let mut e = vec![entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xb, 2), entry(4, 0)];
+        let mut e = vec![
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0xb, 2),
+            entry(4, 0),
+        ];
         e[4].eax = 3 << 5 | 1; // L3 data cache
         patch_cpuid(&mut e, 2, 3);
         assert_eq!(e[0].ebx >> 24, 2);

@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use iovirt_bus::{InterruptError, InterruptLine, MsiMessage, MsiSink};
 use kvm_bindings::{
-    kvm_msi, kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_READONLY,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_msi, kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -64,9 +63,8 @@ pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
             },
         });
     }
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
-        VmError::NoKvm(shown.clone())
-    })?;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| VmError::NoKvm(shown.clone()))?;
     Kvm::new_with_path(cpath).map_err(|e| match e.errno() {
         libc::ENOENT => VmError::NoKvm(shown.clone()),
         libc::EACCES | libc::EPERM => VmError::KvmPermission(shown.clone()),
@@ -106,7 +104,8 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -188,11 +187,13 @@ impl InterruptLine for KvmIrqLine {
     }
 }
 
-/// MSIs delivered with `KVM_SIGNAL_MSI`.
+/// MSIs delivered with `KVM_SIGNAL_MSI` (wired with the first MSI-capable PCI device).
+#[allow(dead_code)]
 pub struct KvmMsiSink {
     vm: Arc<VmFd>,
 }
 
+#[allow(dead_code)]
 impl KvmMsiSink {
     /// A sink for the VM.
     pub fn new(vm: Arc<VmFd>) -> Self {

@@ -14,8 +14,6 @@ use crate::layout::{BIOS_SHADOW_SIZE, BIOS_SHADOW_START, FOUR_GIB};
 pub struct Firmware {
     /// One region ending at 4 GiB.
     pub mem: GuestMemoryMmap,
-    /// Size of the image.
-    pub size: u64,
 }
 
 /// Read the firmware, build its read-only mapping and copy its tail into the BIOS shadow.
@@ -48,5 +46,5 @@ pub fn load(path: &Path, ram: &GuestMemoryMmap) -> Result<Firmware, BootError> {
         "firmware {shown}: {size:#x} bytes at {:#x}, last 128 KiB shadowed at {BIOS_SHADOW_START:#x}",
         base.0
     );
-    Ok(Firmware { mem, size })
+    Ok(Firmware { mem })
 }

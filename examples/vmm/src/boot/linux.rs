@@ -145,8 +145,7 @@ pub fn load(cfg: &LinuxBoot<'_>, mem: &GuestMemoryMmap) -> Result<EntryPoint, Bo
         result.pvh_boot_cap
     );
 
-    let mut cmdline =
-        Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
     cmdline
         .insert_str(cfg.cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -160,7 +159,13 @@ pub fn load(cfg: &LinuxBoot<'_>, mem: &GuestMemoryMmap) -> Result<EntryPoint, Bo
         .filter(|m| *m != 0)
         .unwrap_or(INITRD_ADDR_MAX_DEFAULT);
     let initrd = match cfg.initrd {
-        Some(p) => Some(load_initrd(p, mem, &cfg.layout, initrd_max, result.kernel_end)?),
+        Some(p) => Some(load_initrd(
+            p,
+            mem,
+            &cfg.layout,
+            initrd_max,
+            result.kernel_end,
+        )?),
         None => None,
     };
 
@@ -340,7 +345,7 @@ pub fn setup_boot_vcpu(
     // Entries 0 and 1 null; code at 0x10 and data at 0x18 (the kernel's __BOOT_CS/__BOOT_DS);
     // a TSS at 0x20 so that TR is valid.
     let code_flags = match entry {
-        EntryPoint::Pvh(_) => 0xc09b,     // 32-bit, 4K granularity, execute/read, accessed
+        EntryPoint::Pvh(_) => 0xc09b, // 32-bit, 4K granularity, execute/read, accessed
         EntryPoint::Linux64(_) => 0xa09b, // 64-bit (L), execute/read, accessed
     };
     let gdt = [
@@ -415,7 +420,10 @@ mod tests {
     fn gdt_round_trip() {
         let e = gdt_entry(0xa09b, 0, 0xfffff);
         let s = segment(e, 2);
-        assert_eq!((s.selector, s.type_, s.l, s.db, s.g, s.present), (16, 0xb, 1, 0, 1, 1));
+        assert_eq!(
+            (s.selector, s.type_, s.l, s.db, s.g, s.present),
+            (16, 0xb, 1, 0, 1, 1)
+        );
         assert_eq!(s.limit, 0xffff_ffff);
         let s = segment(gdt_entry(0xc093, 0x1234_5678, 0xfffff), 3);
         assert_eq!((s.base, s.db, s.type_), (0x1234_5678, 1, 3));

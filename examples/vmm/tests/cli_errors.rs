@@ -1,0 +1,94 @@
+// Real client: the iovirt-vmm binary itself, run as a user would, checked for one-line errors.
+
+mod common;
+
+use std::process::Command;
+
+use common::{TempDir, VMM};
+
+/// Run the VMM, expect failure, return stderr.
+fn fails(args: &[&str]) -> String {
+    let out = Command::new(VMM)
+        .args(args)
+        .output()
+        .expect("run iovirt-vmm");
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!err.contains("RUST_BACKTRACE"), "{err}");
+    err
+}
+
+#[test]
+fn bad_size() {
+    let e = fails(&["--mem", "lots"]);
+    assert!(e.contains("bad size \"lots\""), "{e}");
+    let e = fails(&["--mem", "1M"]);
+    assert!(e.contains("out of range"), "{e}");
+}
+
+#[test]
+fn unknown_option_and_missing_value() {
+    assert!(fails(&["--frobnicate"]).contains("unknown option"));
+    assert!(fails(&["--cpus"]).contains("needs a value"));
+    assert!(fails(&["--cpus", "0"]).contains("bad --cpus"));
+}
+
+#[test]
+fn missing_kvm_device() {
+    let e = fails(&["--kvm-device", "/nonexistent/kvm"]);
+    assert!(e.contains("/nonexistent/kvm does not exist"), "{e}");
+}
+
+#[test]
+fn missing_firmware() {
+    if std::fs::metadata("/dev/kvm").is_err() {
+        return common::skip(
+            "missing_firmware",
+            "/dev/kvm is missing (the firmware is read after KVM opens)",
+        );
+    }
+    let e = fails(&["--firmware", "/nonexistent/bios.bin", "--serial", "null"]);
+    assert!(e.contains("apt-get install seabios"), "{e}");
+}
+
+#[test]
+fn missing_kernel() {
+    if std::fs::metadata("/dev/kvm").is_err() {
+        return common::skip("missing_kernel", "/dev/kvm is missing");
+    }
+    let e = fails(&["--kernel", "/nonexistent/vmlinux", "--serial", "null"]);
+    assert!(e.contains("cannot read kernel /nonexistent/vmlinux"), "{e}");
+}
+
+#[test]
+fn not_a_kernel() {
+    if std::fs::metadata("/dev/kvm").is_err() {
+        return common::skip("not_a_kernel", "/dev/kvm is missing");
+    }
+    let dir = TempDir::new("notkernel");
+    let p = dir.path("junk");
+    std::fs::write(&p, vec![0u8; 4096]).unwrap();
+    let e = fails(&["--kernel", p.to_str().unwrap(), "--serial", "null"]);
+    assert!(e.contains("neither an ELF vmlinux nor a bzImage"), "{e}");
+}
+
+#[test]
+fn disks_are_parsed_but_refused() {
+    assert!(fails(&["--disk", "readonly=on"]).contains("missing path=FILE"));
+    assert!(fails(&["--disk", "path=/nonexistent/disk.img"])
+        .contains("disk image /nonexistent/disk.img"));
+    let dir = TempDir::new("disk");
+    let p = dir.path("disk.img");
+    std::fs::write(&p, vec![0u8; 512]).unwrap();
+    let e = fails(&["--disk", &format!("path={},readonly=on", p.display())]);
+    assert!(e.contains("disk support arrives with virtio-blk"), "{e}");
+}
+
+#[test]
+fn help_succeeds() {
+    let out = Command::new(VMM).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--debugcon file=PATH"));
+}
