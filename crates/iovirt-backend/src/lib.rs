@@ -50,15 +50,21 @@
 
 mod buffer;
 mod error;
+mod file;
+mod image;
 mod memory;
 mod request;
 mod sync;
+mod uring;
 
 pub use buffer::{Direction, IoBuffers};
 pub use error::{BlockError, BlockResult, DeviceStatus};
+pub use file::{open_async, AsyncEngine, OpenError, RawFile, RawFileOptions};
+pub use image::{open_image, CD_SECTOR_SIZE};
 pub use memory::{MemoryBackend, NullBackend};
 pub use request::{submit_wait, BlockBackend, BlockInfo, Completion, Features, Request};
 pub use sync::{Inline, SyncBackend, ThreadPool};
+pub use uring::{UringFile, DEFAULT_URING_DEPTH};
 
 use serde::{Deserialize, Serialize};
 
