@@ -1,31 +1,41 @@
 //! Device wiring: which iovirt model sits where on the PIO/MMIO buses, which IRQ it
 //! raises, and where its host side (terminal, log file) goes.
 //!
-//! | device          | where              | IRQ | model                                 |
-//! |-----------------|--------------------|-----|---------------------------------------|
-//! | i8042           | PIO 0x60, len 5    | 1   | stand-in (`iovirt_legacy::i8042` TBD) |
-//! | CMOS RTC        | PIO 0x70, len 2    | 8   | stand-in (`iovirt_legacy::rtc` TBD)   |
-//! | debug console   | PIO 0x402, len 1   | -   | `iovirt_legacy::debugcon::DebugCon`   |
-//! | fw_cfg          | PIO 0x510, len 2   | -   | `iovirt_legacy::fw_cfg::FwCfg`        |
-//! | PCI config      | PIO 0xCF8, len 8   | -   | stand-in (`iovirt_bus::pci` TBD)      |
-//! | COM1 16550A     | PIO 0x3F8, len 8   | 4   | `iovirt_legacy::serial::Serial`       |
+//! | device            | where             | IRQ | model                                |
+//! |-------------------|-------------------|-----|--------------------------------------|
+//! | i8042             | PIO 0x60, len 5   | 1   | `iovirt_legacy::i8042::I8042`        |
+//! | CMOS RTC          | PIO 0x70, len 2   | 8   | `iovirt_legacy::rtc::Rtc` (+ timer)  |
+//! | COM1 16550A       | PIO 0x3F8, len 8  | 4   | `iovirt_legacy::serial::Serial`      |
+//! | debug console     | PIO 0x402, len 1  | -   | `iovirt_legacy::debugcon::DebugCon`  |
+//! | fw_cfg            | PIO 0x510, len 2  | -   | `iovirt_legacy::fw_cfg::FwCfg`       |
+//! | PCI config        | PIO 0xCF8, len 8  | -   | `iovirt_bus::pci::PciRoot`           |
+//! | 00:00.0 host      | PCI               | -   | `iovirt_legacy::chipset::I440fx`     |
+//! | 00:01.0 ISA       | PCI               | -   | `iovirt_legacy::chipset::Piix3`      |
 //!
-//! The PIT, PIC, IOAPIC and LAPICs are KVM's in-kernel models.
+//! The PIT, PIC, IOAPIC and LAPICs are KVM's in-kernel models. PAM changes are
+//! logged; RAM below 1 MiB stays writable RAM whatever PAM says (SeaBIOS only
+//! opens it for writing, which is what plain RAM already does).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use iovirt_bus::pci::{PciError, PciRoot};
 use iovirt_bus::{Bus, BusError, InterruptLine};
+use iovirt_legacy::chipset::{
+    I440fx, PamAccess, PamObserver, PamSegment, Piix3, I440FX_ADDRESS, PIIX3_ADDRESS,
+};
 use iovirt_legacy::debugcon::{DebugCon, DEBUGCON_LEN, DEBUGCON_PORT};
 use iovirt_legacy::fw_cfg::{E820Entry, FwCfg, FwCfgError, FW_CFG_LEN, FW_CFG_PORT};
+use iovirt_legacy::i8042::{I8042Events, I8042, I8042_LEN, I8042_PORT};
+use iovirt_legacy::rtc::{Rtc, SystemClock, RTC_LEN, RTC_PORT};
 use iovirt_legacy::serial::{Serial, COM1_PORT, SERIAL_LEN};
 use kvm_ioctls::VmFd;
 
 use crate::cli::SerialMode;
 use crate::layout::MemoryLayout;
-use crate::standin::{I8042Events, PciFunction, PciRoot, Rtc, I8042};
 use crate::vcpu::{ExitHandle, ExitReason};
 use crate::vm::KvmIrqLine;
 
@@ -35,6 +45,12 @@ pub enum DeviceError {
     /// Two devices claim the same range (a wiring bug).
     #[error("bus: {0}")]
     Bus(#[from] BusError),
+    /// The PCI root refused a function.
+    #[error("PCI: {0}")]
+    Pci(#[from] PciError),
+    /// A helper thread could not start.
+    #[error("cannot start the {0} thread: {1}")]
+    Thread(&'static str, io::Error),
     /// fw_cfg refused an item.
     #[error("fw_cfg: {0}")]
     FwCfg(#[from] FwCfgError),
@@ -104,6 +120,36 @@ impl I8042Events for ResetToExit {
     }
 }
 
+/// Logs the chipset's PAM changes (RAM stays RAM: see the module doc).
+struct PamLog;
+
+impl PamObserver for PamLog {
+    fn pam_changed(&self, segment: PamSegment, old: PamAccess, new: PamAccess) {
+        log::debug!(
+            "PAM segment {} [{:#x}, +{:#x}): {old:?} -> {new:?}",
+            segment.index,
+            segment.base,
+            segment.len
+        );
+    }
+}
+
+/// Run the RTC's interrupts: sleep until its next event (re-checking at least every
+/// 10 ms, as guest writes may arm a nearer one), then poll it.
+fn spawn_rtc_timer(rtc: Arc<Mutex<Rtc>>, exit: Arc<ExitHandle>) -> io::Result<()> {
+    const RECHECK: Duration = Duration::from_millis(10);
+    std::thread::Builder::new()
+        .name("rtc-timer".into())
+        .spawn(move || {
+            while !exit.stopping() {
+                let next = rtc.lock().unwrap_or_else(|e| e.into_inner()).next_event();
+                std::thread::sleep(next.map_or(RECHECK, |d| d.min(RECHECK)));
+                rtc.lock().unwrap_or_else(|e| e.into_inner()).poll();
+            }
+        })
+        .map(|_| ())
+}
+
 fn create(what: &'static str, path: &Path) -> Result<File, DeviceError> {
     OpenOptions::new()
         .create(true)
@@ -136,8 +182,8 @@ fn irq(vm: &Arc<VmFd>, gsi: u32) -> Arc<dyn InterruptLine> {
 /// Create every device and put it on the buses.
 pub fn wire(
     vm: &Arc<VmFd>,
-    pio: &Bus,
-    _mmio: &Bus,
+    pio: &Arc<Bus>,
+    mmio: &Arc<Bus>,
     info: &MachineInfo<'_>,
     exit: &Arc<ExitHandle>,
 ) -> Result<Devices, DeviceError> {
@@ -163,13 +209,15 @@ pub fn wire(
 
     // i8042: keyboard controller, and the reset line SeaBIOS and Linux (reboot=k) use.
     let i8042 = I8042::new(irq(vm, 1), Box::new(ResetToExit(exit.clone())));
-    pio.insert("i8042", 0x60, 5, Arc::new(Mutex::new(i8042)))?;
+    pio.insert("i8042", I8042_PORT, I8042_LEN, Arc::new(Mutex::new(i8042)))?;
 
-    // CMOS RTC/NVRAM with the RAM sizes firmware reads when fw_cfg lacks them.
-    let mut rtc = Rtc::new();
+    // CMOS RTC/NVRAM: time, RAM sizes and CPU count for firmware; IRQ 8 from a timer thread.
+    let mut rtc = Rtc::new(irq(vm, 8), Box::new(SystemClock));
     rtc.set_memory_layout(info.layout.below_4g, info.layout.above_4g);
-    rtc.set_cpu_count(info.cpus);
-    pio.insert("rtc", 0x70, 2, Arc::new(Mutex::new(rtc)))?;
+    rtc.set_cpu_count(u16::try_from(info.cpus).unwrap_or(u16::MAX));
+    let rtc = Arc::new(Mutex::new(rtc));
+    pio.insert("rtc", RTC_PORT, RTC_LEN, rtc.clone())?;
+    spawn_rtc_timer(rtc, exit.clone()).map_err(|e| DeviceError::Thread("rtc-timer", e))?;
 
     // fw_cfg: e820, CPU count, no boot menu (QEMU's defaults).
     let mut fw_cfg = FwCfg::new();
@@ -199,13 +247,10 @@ pub fn wire(
     )?;
 
     // PCI: i440FX host bridge at 00:00.0, PIIX3 ISA bridge at 00:01.0.
-    let reset_exit = exit.clone();
-    let mut pci = PciRoot::new(Box::new(move || {
-        reset_exit.request(ExitReason::Reset("PIIX3 reset control (0xCF9)".into()))
-    }));
-    pci.add_function(0, PciFunction::i440fx());
-    pci.add_function(1 << 3, PciFunction::piix3());
-    pci.register(pio)?;
+    let pci = Arc::new(PciRoot::new(pio.clone(), mmio.clone()));
+    pci.register()?;
+    pci.add_function(I440FX_ADDRESS, I440fx::with_observer(Arc::new(PamLog)))?;
+    pci.add_function(PIIX3_ADDRESS, Piix3::new())?;
 
     Ok(Devices { serial })
 }

@@ -13,7 +13,6 @@ mod boot;
 mod cli;
 mod devices;
 mod layout;
-mod standin;
 mod terminal;
 mod vcpu;
 mod vm;
