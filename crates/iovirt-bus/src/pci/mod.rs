@@ -29,7 +29,7 @@ pub use root::{
 };
 
 /// Errors from building PCI functions and adding them to a root.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PciError {
     /// Device number above 31 or function number above 7.
     #[error("invalid PCI address {0}: device must be 0..=31 and function 0..=7")]
@@ -91,6 +91,12 @@ pub enum PciError {
         /// Saved value.
         actual: u8,
     },
+    /// The PIO or MMIO bus the root was built with has been dropped.
+    #[error("the PCI root's PIO or MMIO bus no longer exists")]
+    BusGone,
+    /// Registering on a bus failed.
+    #[error(transparent)]
+    Bus(#[from] crate::BusError),
     /// No function is registered at this address.
     #[error("no PCI function at {0}")]
     NoFunction(PciAddress),

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use super::config::{BarMapping, NUM_BARS};
 use super::{PciAddress, PciError, PciFunction};
@@ -87,8 +87,9 @@ struct Inner {
 /// relocates or removes a range named like `"00:04.0-bar0"` on the PIO or
 /// MMIO bus and tells the [`BarObserver`], if one is set.
 ///
-/// The root holds the buses and the PIO bus holds the root, so both live
-/// until the VM is torn down.
+/// The root holds its buses weakly (the PIO bus holds the root), so there is
+/// no reference cycle: the VMM keeps the buses alive, and BAR changes after
+/// the buses are dropped are ignored.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -130,8 +131,8 @@ struct Inner {
 /// # let _ = dev;
 /// ```
 pub struct PciRoot {
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
+    pio: Weak<Bus>,
+    mmio: Weak<Bus>,
     inner: Mutex<Inner>,
 }
 
@@ -154,8 +155,8 @@ impl PciRoot {
     /// An empty root that registers BARs on `pio` and `mmio`.
     pub fn new(pio: Arc<Bus>, mmio: Arc<Bus>) -> Self {
         PciRoot {
-            pio,
-            mmio,
+            pio: Arc::downgrade(&pio),
+            mmio: Arc::downgrade(&mmio),
             inner: Mutex::new(Inner {
                 address: 0,
                 slots: BTreeMap::new(),
@@ -169,9 +170,10 @@ impl PciRoot {
     }
 
     /// Register the root on its PIO bus at 0xCF8..=0xCFF as `"pci-root"`.
-    pub fn register(self: &Arc<Self>) -> Result<(), crate::BusError> {
-        self.pio
-            .insert("pci-root", CONFIG_PORT, CONFIG_PORT_LEN, self.clone())
+    pub fn register(self: &Arc<Self>) -> Result<(), PciError> {
+        let pio = self.bus(AddressSpace::Pio).ok_or(PciError::BusGone)?;
+        pio.insert("pci-root", CONFIG_PORT, CONFIG_PORT_LEN, self.clone())?;
+        Ok(())
     }
 
     /// Set the observer told about every BAR registration change.
@@ -244,10 +246,10 @@ impl PciRoot {
         self.lock().address
     }
 
-    fn bus(&self, space: AddressSpace) -> &Bus {
+    fn bus(&self, space: AddressSpace) -> Option<Arc<Bus>> {
         match space {
-            AddressSpace::Pio => &self.pio,
-            AddressSpace::Mmio => &self.mmio,
+            AddressSpace::Pio => self.pio.upgrade(),
+            AddressSpace::Mmio => self.mmio.upgrade(),
         }
     }
 
@@ -265,6 +267,14 @@ impl PciRoot {
             }
             w
         };
+        let (Some(pio), Some(mmio)) = (self.bus(AddressSpace::Pio), self.bus(AddressSpace::Mmio))
+        else {
+            return; // the VM is being torn down
+        };
+        let bus = |space| match space {
+            AddressSpace::Pio => &pio,
+            AddressSpace::Mmio => &mmio,
+        };
         let mut events = Vec::new();
         for (i, want) in wanted.into_iter().enumerate() {
             let bar = i as u8;
@@ -275,17 +285,17 @@ impl PciRoot {
             let mut now = None;
             match (old, want) {
                 (Some(o), Some(n)) if o.space == n.space && o.size == n.size => {
-                    match self.bus(n.space).relocate(o.base, n.base) {
+                    match bus(n.space).relocate(o.base, n.base) {
                         Ok(()) => now = Some(n),
                         Err(e) => {
                             log::warn!("PCI {addr} BAR{bar}: cannot move to {:#x}: {e}", n.base);
-                            let _ = self.bus(o.space).remove(o.base);
+                            let _ = bus(o.space).remove(o.base);
                         }
                     }
                 }
                 _ => {
                     if let Some(o) = old {
-                        let _ = self.bus(o.space).remove(o.base);
+                        let _ = bus(o.space).remove(o.base);
                     }
                     if let Some(n) = want {
                         let region = Arc::new(BarRegion {
@@ -293,7 +303,7 @@ impl PciRoot {
                             bar,
                         });
                         let name = format!("{addr}-bar{bar}");
-                        match self.bus(n.space).insert(&name, n.base, n.size, region) {
+                        match bus(n.space).insert(&name, n.base, n.size, region) {
                             Ok(()) => now = Some(n),
                             Err(e) => {
                                 log::warn!("PCI {addr} BAR{bar}: cannot map at {:#x}: {e}", n.base)
@@ -562,6 +572,34 @@ mod tests {
             cfg_read32(pio, 4, cap) & 0xff,
             u32::from(MSIX_CAPABILITY_ID)
         );
+    }
+
+    #[test]
+    fn no_reference_cycle() {
+        let v = vm();
+        cfg_write32(&v.pio, 4, 0x10, 0xfebf_0000);
+        cfg_write32(&v.pio, 4, 0x04, 0x2);
+        let root = Arc::downgrade(&v.root);
+        let dev = Arc::downgrade(&v.dev);
+        drop(v);
+        assert!(root.upgrade().is_none(), "the PIO bus kept the root alive");
+        assert!(
+            dev.upgrade().is_none(),
+            "the MMIO bus kept the function alive"
+        );
+        // A root whose buses are gone cannot register and does not panic.
+        let pio = Arc::new(Bus::new(AddressSpace::Pio));
+        let root = Arc::new(PciRoot::new(pio.clone(), pio.clone()));
+        drop(pio);
+        assert_eq!(root.register(), Err(PciError::BusGone));
+        root.add_function(PciAddress::new(0, 4, 0).unwrap(), dev_fn())
+            .unwrap();
+        root.write(0, &0x8000_2004u32.to_le_bytes());
+        root.write(4, &[0x03, 0x00]);
+    }
+
+    fn dev_fn() -> Dev {
+        dev(Arc::new(RecordingMsiSink::new()))
     }
 
     #[test]
