@@ -1,0 +1,698 @@
+//! virtio-blk (device ID 2) over an [`iovirt_backend::BlockBackend`].
+//!
+//! Each enabled queue gets a worker thread that waits (epoll) on the queue's
+//! notification event, on a completion event and on a stop event. The worker
+//! pops descriptor chains, parses them ([`request::parse_request`]), submits
+//! the requests to the back-end and keeps going; completions come back from
+//! the back-end's threads over a channel and the worker writes the status,
+//! puts the chain on the used ring and interrupts the guest when the
+//! notification-suppression rules say so. [`QueueHandler`] is that logic
+//! without the thread, for tests, fuzzing and benchmarks.
+
+pub mod request;
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use iovirt_backend::{
+    BlockBackend, BlockError, BlockResult, Completion, Direction, Features, IoBuffers, Request,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
+use crate::{VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK};
+use request::{
+    parse_request, BlockRequest, RequestError, RequestKind, RequestLimits, SECTOR_SIZE,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+
+/// Feature bit 1: `size_max` limits each data descriptor.
+pub const VIRTIO_BLK_F_SIZE_MAX: u32 = 1;
+/// Feature bit 2: `seg_max` limits data descriptors per request.
+pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
+/// Feature bit 5: the disk is read-only.
+pub const VIRTIO_BLK_F_RO: u32 = 5;
+/// Feature bit 6: `blk_size` holds the logical block size.
+pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
+/// Feature bit 9: flush is supported (the disk has a volatile cache).
+pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
+/// Feature bit 10: `topology` holds physical block and I/O size hints.
+pub const VIRTIO_BLK_F_TOPOLOGY: u32 = 10;
+/// Feature bit 12: `num_queues` request queues.
+pub const VIRTIO_BLK_F_MQ: u32 = 12;
+/// Feature bit 13: discard is supported.
+pub const VIRTIO_BLK_F_DISCARD: u32 = 13;
+/// Feature bit 14: write-zeroes is supported.
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
+
+/// Length of the configuration space we expose (through `write_zeroes_may_unmap`).
+pub const CONFIG_LEN: usize = 0x3c;
+/// Avail ring flag: the driver does not want interrupts (without EVENT_IDX).
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Options of a virtio-blk device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Request queues (MQ is offered when more than one).
+    pub num_queues: u16,
+    /// Largest size of each queue (a power of two).
+    pub queue_size: u16,
+    /// The serial GET_ID returns (at most 20 bytes are used).
+    pub serial: Vec<u8>,
+    /// Most data descriptors per request.
+    pub seg_max: u32,
+    /// Largest data descriptor in bytes.
+    pub size_max: u32,
+    /// Most sectors per discard segment.
+    pub max_discard_sectors: u32,
+    /// Most discard segments per request.
+    pub max_discard_seg: u32,
+    /// Most sectors per write-zeroes segment.
+    pub max_write_zeroes_sectors: u32,
+    /// Most write-zeroes segments per request.
+    pub max_write_zeroes_seg: u32,
+}
+
+impl Default for BlockConfig {
+    fn default() -> Self {
+        BlockConfig {
+            num_queues: 1,
+            queue_size: 256,
+            serial: Vec::new(),
+            seg_max: 254,
+            size_max: 1 << 20,
+            max_discard_sectors: 1 << 22,
+            max_discard_seg: 16,
+            max_write_zeroes_sectors: 1 << 22,
+            max_write_zeroes_seg: 16,
+        }
+    }
+}
+
+/// Why a virtio-blk device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockDeviceError {
+    /// The configuration is not usable.
+    #[error("invalid virtio-blk configuration: {0}")]
+    Config(&'static str),
+}
+
+/// A finished request on its way back to the queue's owner.
+#[derive(Debug)]
+struct Done {
+    head: u16,
+    status: GuestAddress,
+    /// Bytes written into device-writable data buffers on success.
+    written: u32,
+    result: BlockResult,
+}
+
+/// Per-queue request processing, without a thread: pop chains, parse,
+/// submit, collect completions, fill the used ring, signal.
+pub struct QueueHandler<M: GuestMemory> {
+    index: u16,
+    queue: Queue,
+    mem: GuestMemoryAtomic<M>,
+    backend: Arc<dyn BlockBackend>,
+    limits: RequestLimits,
+    serial: [u8; VIRTIO_BLK_ID_BYTES],
+    interrupt: Arc<dyn VirtioInterrupt>,
+    tx: Sender<Done>,
+    rx: Receiver<Done>,
+    done_evt: Arc<EventFd>,
+    descs: Vec<Descriptor>,
+    inflight: usize,
+    added: bool,
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
+    fn new(
+        index: u16,
+        queue: Queue,
+        mem: GuestMemoryAtomic<M>,
+        backend: Arc<dyn BlockBackend>,
+        limits: RequestLimits,
+        serial: [u8; VIRTIO_BLK_ID_BYTES],
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        Ok(QueueHandler {
+            index,
+            queue,
+            mem,
+            backend,
+            limits,
+            serial,
+            interrupt,
+            tx,
+            rx,
+            done_evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            descs: Vec::new(),
+            inflight: 0,
+            added: false,
+        })
+    }
+
+    /// Requests submitted to the back-end and not yet completed.
+    pub fn inflight(&self) -> usize {
+        self.inflight
+    }
+
+    /// The queue (for tests: next_avail, next_used).
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// The driver notified the queue: process every available chain, then
+    /// every completion already back, and signal the guest if needed.
+    pub fn process_queue(&mut self) {
+        let mem = self.mem.memory();
+        loop {
+            if let Err(e) = self.queue.disable_notification(&*mem) {
+                log::warn!("virtio-blk: queue {}: {e}", self.index);
+                return;
+            }
+            while let Some(chain) = self.queue.pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                self.descs.clear();
+                self.descs.extend(chain);
+                self.start(&mem, head);
+            }
+            match self.queue.enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    log::warn!("virtio-blk: queue {}: {e}", self.index);
+                    break;
+                }
+            }
+        }
+        drop(mem);
+        self.process_completions();
+    }
+
+    /// Collect completions from the back-end, put them on the used ring and
+    /// signal the guest if the suppression rules allow.
+    pub fn process_completions(&mut self) {
+        let _ = self.done_evt.read();
+        let mem = self.mem.memory();
+        while let Ok(done) = self.rx.try_recv() {
+            self.inflight = self.inflight.saturating_sub(1);
+            let (status, written) = match &done.result {
+                Ok(()) => (VIRTIO_BLK_S_OK, done.written),
+                Err(e) => {
+                    log::debug!("virtio-blk: queue {}: request failed: {e}", self.index);
+                    let s = match e.status() {
+                        iovirt_backend::DeviceStatus::Unsupported => VIRTIO_BLK_S_UNSUPP,
+                        iovirt_backend::DeviceStatus::IoError => VIRTIO_BLK_S_IOERR,
+                    };
+                    (s, 0)
+                }
+            };
+            self.finish(&*mem, done.head, Some(done.status), status, written);
+        }
+        self.signal_if_needed(&*mem);
+    }
+
+    fn finish(&mut self, mem: &M, head: u16, status: Option<GuestAddress>, code: u8, written: u32) {
+        let used_len = match status {
+            Some(addr) => match mem.write_obj(code, addr) {
+                Ok(()) => written.saturating_add(1),
+                Err(_) => 0,
+            },
+            None => 0,
+        };
+        if let Err(e) = self.queue.add_used(mem, head, used_len) {
+            log::warn!("virtio-blk: queue {}: add_used failed: {e}", self.index);
+        }
+        self.added = true;
+    }
+
+    fn signal_if_needed(&mut self, mem: &M) {
+        if !self.added {
+            return;
+        }
+        self.added = false;
+        let needed = if self.queue.event_idx_enabled() {
+            self.queue.needs_notification(mem).unwrap_or(true)
+        } else {
+            // Without EVENT_IDX the driver may set VRING_AVAIL_F_NO_INTERRUPT.
+            fence(Ordering::SeqCst);
+            let flags: u16 = mem
+                .read_obj(GuestAddress(self.queue.avail_ring()))
+                .map(u16::from_le)
+                .unwrap_or(0);
+            flags & VRING_AVAIL_F_NO_INTERRUPT == 0
+        };
+        if needed {
+            if let Err(e) = self.interrupt.signal_used_queue(self.index) {
+                log::warn!("virtio-blk: queue {}: interrupt failed: {e}", self.index);
+            }
+        }
+    }
+
+    fn start(&mut self, mem: &vm_memory::atomic::GuestMemoryLoadGuard<M>, head: u16) {
+        let parsed = parse_request(&self.descs, &**mem, &self.limits);
+        let req = match parsed {
+            Ok(r) => r,
+            Err(f) => {
+                log::debug!(
+                    "virtio-blk: queue {}: malformed request: {}",
+                    self.index,
+                    f.error
+                );
+                self.finish(mem, head, f.status, f.error.status(), 0);
+                return;
+            }
+        };
+        self.submit(mem, head, req);
+    }
+
+    fn completion(&mut self, head: u16, status: GuestAddress, written: u32) -> Completion {
+        self.inflight += 1;
+        let tx = self.tx.clone();
+        let evt = self.done_evt.clone();
+        Completion::new(move |result| {
+            if tx
+                .send(Done {
+                    head,
+                    status,
+                    written,
+                    result,
+                })
+                .is_ok()
+            {
+                let _ = evt.write(1);
+            }
+        })
+    }
+
+    fn submit(
+        &mut self,
+        mem: &vm_memory::atomic::GuestMemoryLoadGuard<M>,
+        head: u16,
+        req: BlockRequest,
+    ) {
+        let offset = req.sector.saturating_mul(SECTOR_SIZE);
+        match req.kind {
+            RequestKind::Read | RequestKind::Write => {
+                let read = req.kind == RequestKind::Read;
+                let dir = if read {
+                    Direction::DeviceWrites
+                } else {
+                    Direction::DeviceReads
+                };
+                let written = if read { req.data_len as u32 } else { 0 };
+                let done = self.completion(head, req.status, written);
+                match IoBuffers::from_guest(mem.clone().into_inner(), &req.data, dir) {
+                    Ok(buf) => {
+                        let r = if read {
+                            Request::Read { offset, buf }
+                        } else {
+                            Request::Write {
+                                offset,
+                                buf,
+                                fua: false,
+                            }
+                        };
+                        self.backend.submit(r, done);
+                    }
+                    Err(e) => done.complete(Err(e)),
+                }
+            }
+            RequestKind::Flush => {
+                let done = self.completion(head, req.status, 0);
+                self.backend.submit(Request::Flush, done);
+            }
+            RequestKind::GetId => {
+                let mut written = 0usize;
+                for &(addr, len) in &req.data {
+                    let n = len.min(VIRTIO_BLK_ID_BYTES - written);
+                    let src = self.serial.get(written..written + n).unwrap_or(&[]);
+                    if mem.write_slice(src, addr).is_err() {
+                        break;
+                    }
+                    written += n;
+                    if written == VIRTIO_BLK_ID_BYTES {
+                        break;
+                    }
+                }
+                let code = if written == VIRTIO_BLK_ID_BYTES.min(req.data_len as usize) {
+                    VIRTIO_BLK_S_OK
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                };
+                self.finish(mem, head, Some(req.status), code, written as u32);
+            }
+            RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) if segs.is_empty() => {
+                self.finish(mem, head, Some(req.status), VIRTIO_BLK_S_IOERR, 0);
+            }
+            RequestKind::Discard(ref segs) | RequestKind::WriteZeroes(ref segs) => {
+                let discard = matches!(req.kind, RequestKind::Discard(_));
+                let done = self.completion(head, req.status, 0);
+                let join = Arc::new(Mutex::new((segs.len(), None::<BlockError>, Some(done))));
+                for s in segs {
+                    let offset = s.sector.saturating_mul(SECTOR_SIZE);
+                    let len = u64::from(s.num_sectors) * SECTOR_SIZE;
+                    let r = if discard {
+                        Request::Discard { offset, len }
+                    } else {
+                        Request::WriteZeroes {
+                            offset,
+                            len,
+                            may_unmap: s.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+                        }
+                    };
+                    let join = join.clone();
+                    self.backend.submit(
+                        r,
+                        Completion::new(move |res| {
+                            let mut j = join.lock().unwrap_or_else(|e| e.into_inner());
+                            if let Err(e) = res {
+                                j.1.get_or_insert(e);
+                            }
+                            j.0 = j.0.saturating_sub(1);
+                            if j.0 == 0 {
+                                let err = j.1.take();
+                                if let Some(done) = j.2.take() {
+                                    drop(j);
+                                    done.complete(err.map_or(Ok(()), Err));
+                                }
+                            }
+                        }),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The device's workers while it is active.
+struct Running {
+    stop: Arc<EventFd>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// A virtio-blk device (device ID 2).
+///
+/// ```
+/// use std::sync::Arc;
+/// use iovirt_backend::{Inline, MemoryBackend};
+/// use iovirt_virtio::block::{BlockConfig, VirtioBlock};
+/// use iovirt_virtio::VirtioDevice;
+/// use vm_memory::GuestMemoryMmap;
+///
+/// let disk = Arc::new(Inline(MemoryBackend::new(1 << 20)));
+/// let blk = VirtioBlock::new(disk, BlockConfig { serial: b"disk0".to_vec(), ..Default::default() }).unwrap();
+/// let dev: &dyn VirtioDevice<GuestMemoryMmap> = &blk;
+/// let mut cap = [0u8; 8];
+/// dev.read_config(0, &mut cap);
+/// assert_eq!(u64::from_le_bytes(cap), 2048); // sectors
+/// ```
+pub struct VirtioBlock {
+    backend: Arc<dyn BlockBackend>,
+    cfg: BlockConfig,
+    features: u64,
+    config_space: [u8; CONFIG_LEN],
+    queue_sizes: Vec<u16>,
+    limits: RequestLimits,
+    serial: [u8; VIRTIO_BLK_ID_BYTES],
+    running: Option<Running>,
+}
+
+impl VirtioBlock {
+    /// A virtio-blk device over `backend`.
+    pub fn new(backend: Arc<dyn BlockBackend>, cfg: BlockConfig) -> Result<Self, BlockDeviceError> {
+        if cfg.num_queues == 0 || cfg.num_queues > 256 {
+            return Err(BlockDeviceError::Config("num_queues must be 1..=256"));
+        }
+        if !cfg.queue_size.is_power_of_two() {
+            return Err(BlockDeviceError::Config(
+                "queue_size must be a power of two",
+            ));
+        }
+        if cfg.seg_max == 0 || cfg.size_max < 512 {
+            return Err(BlockDeviceError::Config(
+                "seg_max must be > 0 and size_max >= 512",
+            ));
+        }
+        let info = backend.info();
+        let ro = info.features.contains(Features::READ_ONLY);
+        let discard = info.features.contains(Features::DISCARD) && !ro;
+        let write_zeroes = info.features.contains(Features::WRITE_ZEROES) && !ro;
+        let mut features = 1u64 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_F_RING_EVENT_IDX
+            | 1 << VIRTIO_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_TOPOLOGY;
+        if info.features.contains(Features::VOLATILE_CACHE) {
+            features |= 1 << VIRTIO_BLK_F_FLUSH;
+        }
+        if ro {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        if discard {
+            features |= 1 << VIRTIO_BLK_F_DISCARD;
+        }
+        if write_zeroes {
+            features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        if cfg.num_queues > 1 {
+            features |= 1 << VIRTIO_BLK_F_MQ;
+        }
+        let capacity_sectors = info.capacity / SECTOR_SIZE;
+        let lbs = info.logical_block_size.max(512);
+        let pbs = info.physical_block_size.max(lbs);
+        let phys_exp = (pbs / lbs).max(1).trailing_zeros() as u8;
+        let mut c = [0u8; CONFIG_LEN];
+        c[0x00..0x08].copy_from_slice(&capacity_sectors.to_le_bytes());
+        c[0x08..0x0c].copy_from_slice(&cfg.size_max.to_le_bytes());
+        c[0x0c..0x10].copy_from_slice(&cfg.seg_max.to_le_bytes());
+        c[0x14..0x18].copy_from_slice(&lbs.to_le_bytes());
+        c[0x18] = phys_exp;
+        c[0x1a..0x1c].copy_from_slice(&((lbs / 512) as u16).to_le_bytes());
+        c[0x1c..0x20].copy_from_slice(&(pbs / 512).to_le_bytes());
+        c[0x20] = u8::from(info.features.contains(Features::VOLATILE_CACHE));
+        c[0x22..0x24].copy_from_slice(&cfg.num_queues.to_le_bytes());
+        c[0x24..0x28].copy_from_slice(&cfg.max_discard_sectors.to_le_bytes());
+        c[0x28..0x2c].copy_from_slice(&cfg.max_discard_seg.to_le_bytes());
+        c[0x2c..0x30].copy_from_slice(&(lbs / 512).to_le_bytes());
+        c[0x30..0x34].copy_from_slice(&cfg.max_write_zeroes_sectors.to_le_bytes());
+        c[0x34..0x38].copy_from_slice(&cfg.max_write_zeroes_seg.to_le_bytes());
+        c[0x38] = 1;
+        let limits = RequestLimits {
+            capacity_sectors,
+            seg_max: cfg.seg_max,
+            size_max: cfg.size_max,
+            discard,
+            max_discard_sectors: cfg.max_discard_sectors,
+            max_discard_seg: cfg.max_discard_seg,
+            write_zeroes,
+            max_write_zeroes_sectors: cfg.max_write_zeroes_sectors,
+            max_write_zeroes_seg: cfg.max_write_zeroes_seg,
+        };
+        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
+        let n = cfg.serial.len().min(VIRTIO_BLK_ID_BYTES);
+        serial[..n].copy_from_slice(&cfg.serial[..n]);
+        Ok(VirtioBlock {
+            backend,
+            queue_sizes: vec![cfg.queue_size; usize::from(cfg.num_queues)],
+            cfg,
+            features,
+            config_space: c,
+            limits,
+            serial,
+            running: None,
+        })
+    }
+
+    /// The options the device was created with.
+    pub fn block_config(&self) -> &BlockConfig {
+        &self.cfg
+    }
+
+    /// A [`QueueHandler`] for `queue`, for driving the device without threads
+    /// (tests, fuzzing, benchmarks, or a VMM with its own event loop).
+    pub fn queue_handler<M: GuestMemory + Send + Sync + 'static>(
+        &self,
+        index: u16,
+        queue: Queue,
+        mem: GuestMemoryAtomic<M>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> std::io::Result<QueueHandler<M>> {
+        QueueHandler::new(
+            index,
+            queue,
+            mem,
+            self.backend.clone(),
+            self.limits.clone(),
+            self.serial,
+            interrupt,
+        )
+    }
+
+    /// Whether worker threads are running.
+    pub fn is_active(&self) -> bool {
+        self.running.is_some()
+    }
+}
+
+const TOKEN_STOP: u64 = 0;
+const TOKEN_NOTIFY: u64 = 1;
+const TOKEN_DONE: u64 = 2;
+/// How long a reset waits for in-flight requests before giving up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn worker_loop<M: GuestMemory + Send + Sync + 'static>(
+    mut h: QueueHandler<M>,
+    notify: Arc<EventFd>,
+    stop: Arc<EventFd>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let epoll = Epoll::new()?;
+    for (fd, token) in [
+        (stop.as_raw_fd(), TOKEN_STOP),
+        (notify.as_raw_fd(), TOKEN_NOTIFY),
+        (h.done_evt.as_raw_fd(), TOKEN_DONE),
+    ] {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )?;
+    }
+    let mut events = [EpollEvent::default(); 4];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        for ev in events.iter().take(n) {
+            match ev.data() {
+                TOKEN_STOP => {
+                    // Reset: wait for in-flight requests so nothing writes guest
+                    // memory after the reset, but never touch the rings again.
+                    let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+                    while h.inflight > 0 {
+                        let left = deadline.saturating_duration_since(std::time::Instant::now());
+                        match h.rx.recv_timeout(left) {
+                            Ok(_) => h.inflight -= 1,
+                            Err(_) => {
+                                log::warn!(
+                                    "virtio-blk: queue {}: {} requests still in flight at reset",
+                                    h.index,
+                                    h.inflight
+                                );
+                                break;
+                            }
+                        }
+                    }
+                    return Ok(());
+                }
+                TOKEN_NOTIFY => {
+                    let _ = notify.read();
+                    h.process_queue();
+                }
+                _ => h.process_completions(),
+            }
+        }
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for VirtioBlock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // CONFIG_WCE is not offered: the whole space is read-only.
+        log::debug!(
+            "virtio-blk: config write of {} bytes at {offset:#x} ignored",
+            data.len()
+        );
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic<M>,
+        _acked_features: u64,
+        queues: Vec<ActiveQueue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.running.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.is_empty() {
+            return Err(ActivateError::BadQueues("no queue is enabled".into()));
+        }
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let mut running = Running {
+            stop: stop.clone(),
+            workers: Vec::new(),
+        };
+        for q in queues {
+            let h = self.queue_handler(q.index, q.queue, mem.clone(), interrupt.clone())?;
+            let stop = stop.clone();
+            let notify = q.notify;
+            let spawned = std::thread::Builder::new()
+                .name(format!("virtio-blk-q{}", q.index))
+                .spawn(move || {
+                    if let Err(e) = worker_loop(h, notify, stop) {
+                        log::error!("virtio-blk: worker failed: {e}");
+                    }
+                });
+            match spawned {
+                Ok(j) => running.workers.push(j),
+                Err(e) => {
+                    stop_running(running);
+                    return Err(e.into());
+                }
+            }
+        }
+        self.running = Some(running);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(r) = self.running.take() {
+            stop_running(r);
+        }
+    }
+}
+
+fn stop_running(r: Running) {
+    let _ = r.stop.write(1);
+    for w in r.workers {
+        let _ = w.join();
+    }
+}
+
+impl Drop for VirtioBlock {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            stop_running(r);
+        }
+    }
+}
+
+/// Map a parse error to its status byte (re-exported for tests and tools).
+pub fn error_status(e: &RequestError) -> u8 {
+    e.status()
+}
