@@ -278,10 +278,12 @@ fn run_loop(ctx: &mut VcpuContext) -> Option<ExitReason> {
                     )));
                 }
                 VcpuExit::InternalError => {
-                    let regs = ctx.fd.get_regs().ok();
+                    let rip = ctx
+                        .fd
+                        .get_regs()
+                        .map_or_else(|_| "unknown".to_string(), |r| format!("{:#x}", r.rip));
                     return Some(ExitReason::Error(format!(
-                        "vcpu{i}: KVM internal error (rip {:#x?})",
-                        regs.map(|r| r.rip)
+                        "vcpu{i}: KVM internal error (emulation failed?) at rip {rip}"
                     )));
                 }
                 VcpuExit::Intr => {}
