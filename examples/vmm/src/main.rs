@@ -124,19 +124,15 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
         )?),
         None => None,
     };
-    // The firmware is mapped in both cases (direct boot does not run it; it keeps the
-    // 0xE0000-0xFFFFF area and the top of 4 GiB populated as on a PC). A missing
-    // firmware is an error only when it would run.
-    let _firmware = match boot::firmware::load(&cfg.firmware, &ram) {
-        Ok(fw) => {
+    // Firmware only when it runs: a direct-booted kernel must not find stale ROM
+    // contents in 0xE0000-0xFFFFF when it scans for MP/SMBIOS tables.
+    let _firmware = match entry {
+        None => {
+            let fw = boot::firmware::load(&cfg.firmware, &ram)?;
             vm.add_memory(&fw.mem, true)?;
             Some(fw)
         }
-        Err(e) if entry.is_none() => return Err(e.into()),
-        Err(e) => {
-            log::info!("direct boot without firmware: {e}");
-            None
-        }
+        Some(_) => None,
     };
 
     let pio = Arc::new(Bus::new(AddressSpace::Pio));
