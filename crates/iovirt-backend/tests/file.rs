@@ -606,3 +606,36 @@ fn io_uring_and_thread_pool_agree_on_a_random_mix() {
         assert!(std::fs::read(&a).unwrap() == std::fs::read(&bpath).unwrap());
     }
 }
+
+/// tmpfs punches holes but refuses `FALLOC_FL_ZERO_RANGE`: write-zeroes falls
+/// back to writing zeroes, on both engines.
+#[test]
+fn write_zeroes_falls_back_where_the_file_system_refuses() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("no /dev/shm, skipping");
+        return;
+    }
+    let Ok(dir) = tempfile::tempdir_in(shm) else {
+        return;
+    };
+    let path = disk(dir.path(), "tmpfs.img", 1 << 20);
+    for (name, b) in engines(&path, CacheMode::Writeback) {
+        write(&*b, 0, vec![0xee; 65536], false);
+        for _ in 0..2 {
+            submit_wait(
+                &*b,
+                Request::WriteZeroes {
+                    offset: 4096,
+                    len: 8192,
+                    may_unmap: false,
+                },
+            )
+            .unwrap();
+        }
+        let got = read_keep(&*b, 0, 65536);
+        assert!(got[..4096].iter().all(|&x| x == 0xee), "{name}");
+        assert!(got[4096..12288].iter().all(|&x| x == 0), "{name}");
+        assert!(got[12288..].iter().all(|&x| x == 0xee), "{name}");
+    }
+}
