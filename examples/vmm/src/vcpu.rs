@@ -200,7 +200,20 @@ pub fn spawn(ctx: VcpuContext) -> std::io::Result<JoinHandle<()>> {
         .spawn(move || run(ctx))
 }
 
+/// Stops the VM if a vCPU thread unwinds, so the main thread never waits forever.
+struct PanicGuard(Arc<ExitHandle>, u32);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .request(ExitReason::Error(format!("vcpu{} thread panicked", self.1)));
+        }
+    }
+}
+
 fn run(mut ctx: VcpuContext) {
+    let _guard = PanicGuard(ctx.exit.clone(), ctx.index);
     let run_ptr = &mut ctx.fd.get_kvm_run().immediate_exit as *mut u8;
     IMMEDIATE_EXIT.with(|c| c.set(run_ptr));
     let reason = run_loop(&mut ctx);
