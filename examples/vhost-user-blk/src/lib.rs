@@ -1,0 +1,59 @@
+//! # iovirt-vhost-user-blk: iovirt's virtio-blk device, out of process
+//!
+//! In iovirt's I/O path (guest driver → virtqueue notify → **front-end device**
+//! → filters → scheduler → back-end), this daemon is the front-end device run
+//! outside the VMM: the VMM (QEMU, Cloud Hypervisor, crosvm) shares guest
+//! memory and the virtqueues over a vhost-user socket, kicks an eventfd when
+//! the guest notifies a queue and injects the interrupt when the daemon writes
+//! the call eventfd. rust-vmm's `vhost-user-backend` speaks the protocol; this
+//! crate parses virtio-blk requests from the rings and submits them
+//! asynchronously to an `iovirt-backend` [`BlockBackend`](iovirt_backend::BlockBackend)
+//! (raw file with a cache mode, memory, null), keeping many requests in flight.
+//!
+//! It must never trust the frontend or the guest: malformed rings and requests
+//! complete with an error status and a log line, never a panic; a frontend that
+//! disconnects leaves the daemon ready for the next one.
+//!
+//! ```
+//! use iovirt_vhost_user_blk::blk::BlkConfig;
+//! use iovirt_vhost_user_blk::disk::DiskSpec;
+//!
+//! let disk = "memory,size=1M".parse::<DiskSpec>().unwrap().open().unwrap();
+//! let cfg = BlkConfig::new(disk.info(), 1, 256, "serial-1");
+//! // Capacity in 512-byte sectors, at offset 0 of the configuration space.
+//! assert_eq!(cfg.read(0, 8), 2048u64.to_le_bytes());
+//! ```
+#![deny(missing_docs)]
+
+pub mod blk;
+pub mod device;
+pub mod disk;
+pub mod server;
+
+use std::path::PathBuf;
+
+/// Why the daemon stopped or could not start; printed as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A bad command line.
+    #[error("{0}")]
+    Usage(String),
+    /// The disk could not be opened.
+    #[error(transparent)]
+    Open(#[from] iovirt_backend::OpenError),
+    /// The socket could not be created.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// What vhost said.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    /// Eventfds or epoll registration failed.
+    #[error("cannot set up the device: {0}")]
+    Setup(#[source] std::io::Error),
+    /// The vhost-user daemon failed.
+    #[error("vhost-user: {0}")]
+    Daemon(String),
+}
