@@ -696,3 +696,6 @@ impl Drop for VirtioBlock {
 pub fn error_status(e: &RequestError) -> u8 {
     e.status()
 }
+
+#[cfg(test)]
+mod tests;
