@@ -296,8 +296,10 @@ impl CalendarTime {
         (days + 4).rem_euclid(7) as u8 + 1
     }
 
-    fn is_valid(&self) -> bool {
-        *self == self.clamped()
+    /// What the registers can hold: any byte per field (the guest may write
+    /// nonsense in SET mode, clamped when SET is cleared), years up to 9999.
+    fn is_storable(&self) -> bool {
+        i64::from(self.year) <= MAX_YEAR
     }
 
     fn clamped(&self) -> Self {
@@ -478,7 +480,7 @@ impl Rtc {
         }
         let set = state.reg_b & REG_B_SET != 0;
         match state.latched {
-            Some(t) if set && t.is_valid() => {}
+            Some(t) if set && t.is_storable() => {}
             None if !set => {}
             _ => return Err(RtcError::BadLatchedTime),
         }
@@ -1160,6 +1162,22 @@ mod tests {
     }
 
     #[test]
+    fn set_mode_nonsense_is_kept_then_clamped() {
+        let (mut r, c, _i) = rtc_at(T0);
+        wr(&mut r, REG_B, REG_B_24H | REG_B_SET);
+        wr(&mut r, REG_DAY_OF_MONTH, 0x31); // 31 February for a moment
+        wr(&mut r, REG_MONTH, 0x02);
+        wr(&mut r, REG_HOURS, 0x99);
+        assert_eq!(rd(&mut r, REG_DAY_OF_MONTH), 0x31);
+        let s = r.state();
+        assert!(Rtc::from_state(&s, Arc::new(RecordingLine::new()), Box::new(c.clone())).is_ok());
+        wr(&mut r, REG_B, REG_B_24H);
+        // 2024 is a leap year: clamped to 29 February, 23 h.
+        assert_eq!(rd(&mut r, REG_DAY_OF_MONTH), 0x29);
+        assert_eq!(rd(&mut r, REG_HOURS), 0x23);
+    }
+
+    #[test]
     fn from_state_rejects() {
         let bad = |f: fn(&mut RtcState)| {
             let mut s = RtcState::default();
@@ -1181,7 +1199,7 @@ mod tests {
         assert!(bad(|s| {
             s.reg_b = REG_B_SET;
             s.latched = Some(CalendarTime {
-                year: 2000,
+                year: 10_000,
                 month: 2,
                 day: 30,
                 hour: 0,
