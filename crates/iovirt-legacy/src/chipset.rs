@@ -81,7 +81,7 @@ const PAM0_MASK: u8 = 0x30;
 /// Writable bits of PAM1..PAM6: RE/WE of both nibbles.
 const PAM_MASK: u8 = 0x33;
 
-/// First PIRQ route control register (PIRQRC[A] at 0x60, through PIRQD at 0x63).
+/// First PIRQ route control register (PIRQRC\[A\] at 0x60, through PIRQD at 0x63).
 pub const PIRQ_ROUTE: u16 = 0x60;
 /// Number of PIRQ lines.
 pub const PIRQ_LINES: usize = 4;
