@@ -1,140 +1,134 @@
-//! The vhost-user side: a [`VhostUserBackend`] that pops virtio-blk requests from
-//! the rings the frontend shares, submits them to the block back-end and puts
-//! completions on the used ring.
+//! The vhost-user side: a [`VhostUserBackend`] that runs iovirt-virtio's
+//! virtio-blk queue processing on the rings the frontend shares.
 //!
-//! Threads: one vring worker per queue (rust-vmm's event loop). A kick makes
-//! the worker pop every available chain, parse it and submit it; the back-end
-//! completes on any thread (inline, a thread pool, io_uring's reaper) by writing
-//! the status byte and pushing `(head, len)` onto the queue's completion list.
-//! Completions from other threads wake the worker through the queue's
-//! completion eventfd; the worker moves the list to the used ring in a batch and
-//! signals the call eventfd once, as EVENT_IDX allows.
+//! Threads: one vring worker per queue (rust-vmm's event loop). When a queue
+//! starts (its first kick), the worker builds an
+//! [`iovirt_virtio::block::QueueHandler`] over a copy of the vring's queue
+//! state; every kick then pops, parses and submits all available chains, and
+//! completions (inline, or from the back-end's threads) are put on the used
+//! ring in batches, with the call eventfd written as EVENT_IDX allows. When the
+//! frontend stops the queue (GET_VRING_BASE), the worker's handler waits for
+//! its in-flight requests, hands the ring indices back and is dropped.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use iovirt_backend::{BlockBackend, Completion};
+use iovirt_backend::{BlockBackend, BlockInfo, Completion, Request};
+use iovirt_bus::InterruptError;
+use iovirt_virtio::block::{BlockConfig, QueueHandler, VirtioBlock};
+use iovirt_virtio::{VirtioDevice, VirtioInterrupt};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::blk::{self, Action, BlkConfig, BlkRequest};
+use crate::Error;
 
 /// Guest memory as the vhost-user frontend shares it.
 pub type GuestMem = GuestMemoryMmap<()>;
 /// The atomically replaceable guest memory (SET_MEM_TABLE swaps it).
 pub type AtomicMem = GuestMemoryAtomic<GuestMem>;
+type Vring = VringRwLock<AtomicMem>;
 
 /// Bit 30 of the feature word: the frontend may negotiate protocol features.
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
-/// How long GET_VRING_BASE waits for in-flight requests before giving up.
-const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long GET_VRING_BASE waits for in-flight requests before giving up on them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 thread_local! {
-    /// The queue whose worker is running on this thread (address of its `QueueCtx`).
-    static CURRENT_QUEUE: Cell<usize> = const { Cell::new(0) };
+    /// The wake-up eventfd of the queue whose worker is running on this thread.
+    static CURRENT_WAKE: RefCell<Option<Arc<EventFd>>> = const { RefCell::new(None) };
 }
 
-/// Per-queue state shared with completions.
-struct QueueCtx {
-    /// Completed `(head, used_len)` pairs not yet on the used ring.
-    done: Mutex<Vec<(u16, u32)>>,
-    /// Written when a completion on another thread made `done` non-empty.
-    done_evt: EventFd,
-    /// Requests submitted and not completed.
-    inflight: AtomicUsize,
-    idle_lock: Mutex<()>,
-    idle: Condvar,
-    /// The vring, remembered for GET_VRING_BASE (which must drain completions).
-    vring: OnceLock<VringRwLock<AtomicMem>>,
-    /// Malformed requests seen (for rate-limited logging).
-    bad: AtomicU64,
+fn current_wake() -> Option<Arc<EventFd>> {
+    CURRENT_WAKE.with(|c| c.borrow().clone())
 }
 
-impl QueueCtx {
-    fn new() -> io::Result<Self> {
-        Ok(QueueCtx {
-            done: Mutex::new(Vec::with_capacity(256)),
-            done_evt: EventFd::new(EFD_NONBLOCK)?,
-            inflight: AtomicUsize::new(0),
-            idle_lock: Mutex::new(()),
-            idle: Condvar::new(),
-            vring: OnceLock::new(),
-            bad: AtomicU64::new(0),
-        })
-    }
+/// The back-end as the device sees it: a completion that finishes on another
+/// thread also wakes the submitting queue's worker, whose event loop waits on
+/// the queue's wake eventfd (it cannot see the queue handler's own event).
+struct WakingBackend {
+    disk: Arc<dyn BlockBackend>,
+}
 
-    fn id(&self) -> usize {
-        self as *const _ as usize
+impl BlockBackend for WakingBackend {
+    fn info(&self) -> BlockInfo {
+        self.disk.info()
     }
-
-    /// Record a completion. Called on any thread.
-    fn push(&self, head: u16, len: u32) {
-        let was_empty = {
-            let mut d = self.done.lock().unwrap_or_else(|e| e.into_inner());
-            d.push((head, len));
-            d.len() == 1
+    fn submit(&self, req: Request, done: Completion) {
+        let Some(wake) = current_wake() else {
+            return self.disk.submit(req, done);
         };
-        // The worker drains after submitting; only wake it from other threads.
-        if was_empty && CURRENT_QUEUE.with(|c| c.get()) != self.id() {
-            let _ = self.done_evt.write(1);
-        }
-        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let _g = self.idle_lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.idle.notify_all();
-        }
-    }
-
-    /// Move completions to the used ring and signal the frontend if needed.
-    fn drain(&self, vring: &VringRwLock<AtomicMem>) {
-        let mut d = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        if d.is_empty() {
-            return;
-        }
-        let mut v = vring.get_mut();
-        for &(head, len) in d.iter() {
-            if let Err(e) = v.add_used(head, len) {
-                self.log_bad(format_args!(
-                    "cannot add descriptor {head} to the used ring: {e}"
-                ));
-            }
-        }
-        d.clear();
-        drop(d);
-        match v.needs_notification() {
-            Ok(false) => {}
-            Ok(true) | Err(_) => {
-                if let Err(e) = v.signal_used_queue() {
-                    log::warn!("cannot signal the call eventfd: {e}");
+        self.disk.submit(
+            req,
+            Completion::new(move |r| {
+                done.complete(r);
+                // On the worker itself (an inline back-end), it collects after submitting.
+                let on_worker = CURRENT_WAKE
+                    .with(|c| c.borrow().as_ref().is_some_and(|w| Arc::ptr_eq(w, &wake)));
+                if !on_worker {
+                    let _ = wake.write(1);
                 }
-            }
-        }
+            }),
+        )
     }
+}
 
-    fn log_bad(&self, what: std::fmt::Arguments<'_>) {
-        let n = self.bad.fetch_add(1, Ordering::Relaxed);
-        if n < 10 || n % 10_000 == 0 {
-            log::warn!("malformed request ({} so far): {what}", n + 1);
-        }
+/// Signals the frontend through the vring's call eventfd.
+struct CallInterrupt(Vring);
+
+impl VirtioInterrupt for CallInterrupt {
+    fn signal_used_queue(&self, _queue_index: u16) -> Result<(), InterruptError> {
+        self.0.signal_used_queue().map_err(InterruptError::Io)
     }
+    fn signal_config_change(&self) -> Result<(), InterruptError> {
+        Ok(())
+    }
+}
+
+/// Per-queue state.
+struct QueueCtx {
+    index: u16,
+    /// The running queue, between its first kick and GET_VRING_BASE.
+    handler: Mutex<Option<QueueHandler<GuestMem>>>,
+    /// Written when a completion on another thread is waiting; in the worker's epoll.
+    wake: Arc<EventFd>,
+    /// The vring (remembered at the first event, for GET_VRING_BASE).
+    vring: OnceLock<Vring>,
+}
+
+/// A copy of a configured queue: the vring keeps its own for the vhost-user
+/// handler, the running [`QueueHandler`] owns this one.
+fn copy_queue(q: &Queue) -> Result<Queue, virtio_queue::Error> {
+    let mut c = Queue::new(q.max_size())?;
+    c.set_size(q.size());
+    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+    let (l, h) = split(q.desc_table());
+    c.set_desc_table_address(l, h);
+    let (l, h) = split(q.avail_ring());
+    c.set_avail_ring_address(l, h);
+    let (l, h) = split(q.used_ring());
+    c.set_used_ring_address(l, h);
+    c.set_event_idx(q.event_idx_enabled());
+    c.set_next_avail(q.next_avail());
+    c.set_next_used(q.next_used());
+    c.set_ready(true);
+    Ok(c)
 }
 
 struct Inner {
-    disk: Arc<dyn BlockBackend>,
-    cfg: BlkConfig,
+    blk: VirtioBlock,
     queue_size: u16,
     mem: AtomicMem,
-    queues: Vec<Arc<QueueCtx>>,
-    event_idx: std::sync::atomic::AtomicBool,
+    queues: Vec<QueueCtx>,
 }
 
 /// A virtio-blk device for one vhost-user connection.
@@ -145,113 +139,76 @@ struct Inner {
 pub struct BlkDevice(Arc<Inner>);
 
 impl BlkDevice {
-    /// A device over `disk` with `num_queues` queues of at most `queue_size` entries,
-    /// whose guest memory is `mem` (the same object given to the daemon).
+    /// A device over `disk` with `cfg.num_queues` queues, whose guest memory is
+    /// `mem` (the same object given to the daemon).
     pub fn new(
         disk: Arc<dyn BlockBackend>,
-        cfg: BlkConfig,
-        num_queues: u16,
-        queue_size: u16,
+        cfg: BlockConfig,
         mem: AtomicMem,
-    ) -> io::Result<Self> {
-        let queues = (0..num_queues.max(1))
-            .map(|_| QueueCtx::new().map(Arc::new))
-            .collect::<io::Result<Vec<_>>>()?;
+    ) -> Result<Self, Error> {
+        let num_queues = cfg.num_queues;
+        let queue_size = cfg.queue_size;
+        let blk = VirtioBlock::new(Arc::new(WakingBackend { disk }), cfg)
+            .map_err(|e| Error::Usage(e.to_string()))?;
+        let queues = (0..num_queues)
+            .map(|index| {
+                Ok(QueueCtx {
+                    index,
+                    handler: Mutex::new(None),
+                    wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+                    vring: OnceLock::new(),
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(Error::Setup)?;
         Ok(BlkDevice(Arc::new(Inner {
-            disk,
-            cfg,
+            blk,
             queue_size,
             mem,
             queues,
-            event_idx: false.into(),
         })))
     }
 
-    /// The completion eventfd of each queue; the server registers queue `i`'s
+    /// The wake-up eventfd of each queue; the server registers queue `i`'s
     /// with worker `i` under event id [`BlkDevice::completion_event_id`].
-    pub fn completion_fds(&self) -> Vec<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        self.0
-            .queues
-            .iter()
-            .map(|q| q.done_evt.as_raw_fd())
-            .collect()
+    pub fn completion_fds(&self) -> Vec<RawFd> {
+        self.0.queues.iter().map(|q| q.wake.as_raw_fd()).collect()
     }
 
-    /// The event id of completion wake-ups (the first one the event loop leaves to backends).
+    /// The event id of completion wake-ups (the first one the event loop leaves to back-ends).
     pub fn completion_event_id(&self) -> u64 {
         self.0.queues.len() as u64 + 1
     }
 
-    /// Pop and submit every available request of queue `q`.
-    fn process_queue(&self, q: &Arc<QueueCtx>, vring: &VringRwLock<AtomicMem>) {
-        let mem = self.0.mem.memory();
-        let mem_arc = mem.clone().into_inner();
-        let event_idx = self.0.event_idx.load(Ordering::Relaxed);
-        let mut chains = Vec::new();
-        loop {
-            {
-                let mut v = vring.get_mut();
-                let queue = v.get_queue_mut();
-                if event_idx {
-                    let _ = queue.disable_notification(&*mem);
-                }
-                while let Some(chain) = queue.pop_descriptor_chain(mem.clone()) {
-                    chains.push(chain);
-                }
-            }
-            for chain in chains.drain(..) {
-                let req = blk::parse(chain, &mem_arc, &self.0.cfg);
-                self.submit(q, req, &mem_arc);
-            }
-            if !event_idx {
-                break;
-            }
-            match vring.get_mut().get_queue_mut().enable_notification(&*mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    q.log_bad(format_args!("cannot re-enable notifications: {e}"));
-                    break;
-                }
-            }
-        }
+    fn virtio(&self) -> &dyn VirtioDevice<GuestMem> {
+        &self.0.blk
     }
 
-    fn submit(&self, q: &Arc<QueueCtx>, req: BlkRequest, mem: &Arc<GuestMem>) {
-        let BlkRequest {
-            head,
-            status_addr,
-            ok_len,
-            action,
-        } = req;
-        q.inflight.fetch_add(1, Ordering::AcqRel);
-        match action {
-            Action::Submit(r) => {
-                let q2 = q.clone();
-                let mem = mem.clone();
-                self.0.disk.submit(
-                    r,
-                    Completion::new(move |res| {
-                        if let Err(e) = &res {
-                            log::debug!("request failed: {e}");
-                        }
-                        let len =
-                            BlkRequest::finish(&*mem, status_addr, blk::status_of(&res), ok_len);
-                        q2.push(head, len);
-                    }),
-                );
+    fn start_queue(&self, q: &QueueCtx, vring: &Vring) -> Option<QueueHandler<GuestMem>> {
+        let queue = {
+            let v = vring.get_ref();
+            if !v.get_queue().ready() {
+                return None;
             }
-            Action::Done(status) => {
-                let len = BlkRequest::finish(&**mem, status_addr, status, ok_len);
-                q.push(head, len);
+            copy_queue(v.get_queue())
+        };
+        let queue = match queue {
+            Ok(queue) => queue,
+            Err(e) => {
+                log::warn!("queue {}: unusable queue configuration: {e}", q.index);
+                return None;
             }
-            Action::Fail(status, why) => {
-                if status == blk::VIRTIO_BLK_S_IOERR {
-                    q.log_bad(format_args!("descriptor {head}: {why}"));
-                }
-                let len = BlkRequest::finish(&**mem, status_addr, status, ok_len);
-                q.push(head, len);
+        };
+        let irq = Arc::new(CallInterrupt(vring.clone()));
+        match self
+            .0
+            .blk
+            .queue_handler(q.index, queue, self.0.mem.clone(), irq)
+        {
+            Ok(h) => Some(h),
+            Err(e) => {
+                log::error!("queue {}: cannot start: {e}", q.index);
+                None
             }
         }
     }
@@ -259,7 +216,7 @@ impl BlkDevice {
 
 impl VhostUserBackend for BlkDevice {
     type Bitmap = ();
-    type Vring = VringRwLock<AtomicMem>;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.0.queues.len()
@@ -270,7 +227,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn features(&self) -> u64 {
-        self.0.cfg.features | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        self.virtio().device_features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -280,16 +237,18 @@ impl VhostUserBackend for BlkDevice {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.0.event_idx.store(enabled, Ordering::Relaxed);
+    fn set_event_idx(&self, _enabled: bool) {
+        // The queue carries the flag (the vhost-user handler sets it on the vring's queue).
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.0.cfg.read(offset, size)
+        let mut buf = vec![0u8; size as usize];
+        self.virtio().read_config(u64::from(offset), &mut buf);
+        buf
     }
 
     fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
-        // Nothing in our configuration is writable (no CONFIG_WCE): ignore, as a device does.
+        // Nothing in the configuration is writable (no CONFIG_WCE): ignore, as the device does.
         Ok(())
     }
 
@@ -310,26 +269,30 @@ impl VhostUserBackend for BlkDevice {
         let Some(q) = self.0.queues.get(queue_index as usize) else {
             return Ok(());
         };
+        let Some(mut h) = q.handler.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return Ok(());
+        };
+        // Finish what is in flight, so the used ring is complete when the frontend reads it.
         let deadline = Instant::now() + STOP_TIMEOUT;
-        let mut g = q.idle_lock.lock().unwrap_or_else(|e| e.into_inner());
-        while q.inflight.load(Ordering::Acquire) != 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+        loop {
+            h.process_completions();
+            if h.inflight() == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
                 log::error!(
-                    "queue {queue_index}: {} requests still in flight after {STOP_TIMEOUT:?}",
-                    q.inflight.load(Ordering::Acquire)
+                    "queue {queue_index}: {} requests still in flight after {STOP_TIMEOUT:?}; abandoning them",
+                    h.inflight()
                 );
                 break;
             }
-            g = q
-                .idle
-                .wait_timeout(g, left.min(Duration::from_millis(100)))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            std::thread::sleep(Duration::from_micros(200));
         }
-        drop(g);
         if let Some(v) = q.vring.get() {
-            q.drain(v);
+            let mut v = v.get_mut();
+            let queue = v.get_queue_mut();
+            queue.set_next_avail(h.queue().next_avail());
+            queue.set_next_used(h.queue().next_used());
         }
         Ok(())
     }
@@ -346,15 +309,23 @@ impl VhostUserBackend for BlkDevice {
             return Ok(());
         };
         let _ = q.vring.set(vring.clone());
+        let mut slot = q.handler.lock().unwrap_or_else(|e| e.into_inner());
         if u64::from(device_event) == self.completion_event_id() {
-            let _ = q.done_evt.read();
+            let _ = q.wake.read();
+            if let Some(h) = slot.as_mut() {
+                h.process_completions();
+            }
         } else if device_event == 0 {
-            CURRENT_QUEUE.with(|c| c.set(q.id()));
-            self.process_queue(q, vring);
-            CURRENT_QUEUE.with(|c| c.set(0));
+            if slot.is_none() {
+                *slot = self.start_queue(q, vring);
+            }
+            if let Some(h) = slot.as_mut() {
+                CURRENT_WAKE.with(|c| *c.borrow_mut() = Some(q.wake.clone()));
+                h.process_queue();
+                CURRENT_WAKE.with(|c| *c.borrow_mut() = None);
+            }
         }
-        q.drain(vring);
-        // Errors are logged per request; returning one would stop this queue's worker.
+        // Errors are logged by the queue handler; returning one would stop this worker.
         Ok(())
     }
 }

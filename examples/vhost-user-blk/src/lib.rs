@@ -6,26 +6,30 @@
 //! memory and the virtqueues over a vhost-user socket, kicks an eventfd when
 //! the guest notifies a queue and injects the interrupt when the daemon writes
 //! the call eventfd. rust-vmm's `vhost-user-backend` speaks the protocol; this
-//! crate parses virtio-blk requests from the rings and submits them
-//! asynchronously to an `iovirt-backend` [`BlockBackend`](iovirt_backend::BlockBackend)
-//! (raw file with a cache mode, memory, null), keeping many requests in flight.
+//! crate runs iovirt-virtio's virtio-blk queue processing on the shared rings,
+//! which parses each request and submits it asynchronously to an
+//! `iovirt-backend` [`BlockBackend`](iovirt_backend::BlockBackend) (raw file
+//! with a cache mode, memory, null), keeping many requests in flight.
 //!
 //! It must never trust the frontend or the guest: malformed rings and requests
 //! complete with an error status and a log line, never a panic; a frontend that
 //! disconnects leaves the daemon ready for the next one.
 //!
 //! ```
-//! use iovirt_vhost_user_blk::blk::BlkConfig;
+//! use iovirt_vhost_user_blk::device::BlkDevice;
 //! use iovirt_vhost_user_blk::disk::DiskSpec;
+//! use iovirt_virtio::block::BlockConfig;
+//! use vhost_user_backend::VhostUserBackend;
+//! use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 //!
 //! let disk = "memory,size=1M".parse::<DiskSpec>().unwrap().open().unwrap();
-//! let cfg = BlkConfig::new(disk.info(), 1, 256, "serial-1");
+//! let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+//! let dev = BlkDevice::new(disk, BlockConfig::default(), mem).unwrap();
 //! // Capacity in 512-byte sectors, at offset 0 of the configuration space.
-//! assert_eq!(cfg.read(0, 8), 2048u64.to_le_bytes());
+//! assert_eq!(dev.get_config(0, 8), 2048u64.to_le_bytes());
 //! ```
 #![deny(missing_docs)]
 
-pub mod blk;
 pub mod device;
 pub mod disk;
 pub mod server;

@@ -9,9 +9,9 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::blk::BlkConfig;
 use crate::device::BlkDevice;
 use crate::Error;
+use iovirt_virtio::block::BlockConfig;
 
 /// What the daemon serves, and where.
 #[derive(Clone, Debug)]
@@ -37,7 +37,13 @@ pub fn serve(disk: Arc<dyn BlockBackend>, cfg: &ServerConfig) -> Result<(), Erro
     if queues > 64 {
         return Err(Error::Usage(format!("--queues {queues}: at most 64")));
     }
-    let blk_cfg = BlkConfig::new(disk.info(), queues, cfg.queue_size, &cfg.serial);
+    let blk_cfg = BlockConfig {
+        num_queues: queues,
+        queue_size: cfg.queue_size,
+        serial: cfg.serial.as_bytes().to_vec(),
+        seg_max: u32::from(cfg.queue_size).saturating_sub(2).max(1),
+        ..BlockConfig::default()
+    };
     let mut listener = Listener::new(&cfg.socket, true).map_err(|e| Error::Listen {
         path: cfg.socket.clone(),
         source: e,
@@ -51,14 +57,7 @@ pub fn serve(disk: Arc<dyn BlockBackend>, cfg: &ServerConfig) -> Result<(), Erro
     let mut served = 0u64;
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let dev = BlkDevice::new(
-            disk.clone(),
-            blk_cfg.clone(),
-            queues,
-            cfg.queue_size,
-            mem.clone(),
-        )
-        .map_err(Error::Setup)?;
+        let dev = BlkDevice::new(disk.clone(), blk_cfg.clone(), mem.clone())?;
         let mut daemon = VhostUserDaemon::new("iovirt-vhost-user-blk".into(), dev.clone(), mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
         for (handler, fd) in daemon.get_epoll_handlers().iter().zip(dev.completion_fds()) {
