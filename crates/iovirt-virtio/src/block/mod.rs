@@ -180,14 +180,24 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
                 log::warn!("virtio-blk: queue {}: {e}", self.index);
                 return;
             }
+            let mut popped = false;
             while let Some(chain) = self.queue.pop_descriptor_chain(&*mem) {
+                popped = true;
                 let head = chain.head_index();
                 self.descs.clear();
                 self.descs.extend(chain);
                 self.start(&mem, head);
             }
             match self.queue.enable_notification(&*mem) {
-                Ok(true) => continue,
+                // More work arrived while notifications were off: go again.
+                Ok(true) if popped => continue,
+                // The avail index claims chains the queue cannot yield (an index
+                // more than the queue size ahead): a broken driver; stop here
+                // rather than spin.
+                Ok(true) => {
+                    log::warn!("virtio-blk: queue {}: invalid avail index", self.index);
+                    break;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     log::warn!("virtio-blk: queue {}: {e}", self.index);
