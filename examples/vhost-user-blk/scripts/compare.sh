@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Side-by-side vhost-user-blk load test: iovirt-vhost-user-blk vs qemu-storage-daemon on the same
+# back-ends (null: null-co vs our null disk; file: O_DIRECT io_uring vs our cache=none), each daemon
+# pinned to one core (IOPS per core), the load generator (iovirt-blk-loadgen, libblkio) on another.
+# Prints a markdown table; raw JSON and logs stay in --out.
+#
+# Usage: examples/vhost-user-blk/scripts/compare.sh [--duration SECS] [--out DIR] [--no-build]
+#        [--daemon-cpu N] [--loadgen-cpu N] [--backends "null file"]
+set -euo pipefail
+
+SELF_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$SELF_DIR/../../.." && pwd)
+DURATION=5
+OUT=
+BUILD=1
+DAEMON_CPU=0
+LOADGEN_CPU=1
+BACKENDS="null file"
+while (($#)); do
+	case $1 in
+	--duration) DURATION=${2:?} && shift ;;
+	--out) OUT=${2:?} && shift ;;
+	--no-build) BUILD=0 ;;
+	--daemon-cpu) DAEMON_CPU=${2:?} && shift ;;
+	--loadgen-cpu) LOADGEN_CPU=${2:?} && shift ;;
+	--backends) BACKENDS=${2:?} && shift ;;
+	-h | --help) sed -n '2,8p' "$0" && exit 0 ;;
+	*) echo "compare.sh: unknown argument $1" >&2 && exit 2 ;;
+	esac
+	shift
+done
+
+die() { echo "compare.sh: $*" >&2 && exit 1; }
+command -v qemu-storage-daemon >/dev/null || die "qemu-storage-daemon is not installed"
+command -v taskset >/dev/null || die "taskset (util-linux) is not installed"
+command -v python3 >/dev/null || die "python3 is needed for the table"
+
+TARGET=${CARGO_TARGET_DIR:-$REPO_DIR/target}
+if ((BUILD)); then
+	(cd "$REPO_DIR" && cargo build --release -q -p iovirt-vhost-user-blk) || die "cargo build failed"
+fi
+DAEMON=$TARGET/release/iovirt-vhost-user-blk
+LOADGEN=$TARGET/release/iovirt-blk-loadgen
+[[ -x $DAEMON && -x $LOADGEN ]] || die "no release binaries in $TARGET/release (set CARGO_TARGET_DIR)"
+
+OUT=${OUT:-$(mktemp -d /tmp/vhost-compare.XXXXXX)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+IMG=$OUT/disk.img
+SOCK=$OUT/vhost.sock
+PID=
+
+cleanup() {
+	if [[ -n $PID ]]; then
+		kill "$PID" 2>/dev/null || true
+		wait "$PID" 2>/dev/null || true
+	fi
+	rm -f "$IMG" "$SOCK"
+}
+trap cleanup EXIT
+
+wait_socket() {
+	local i
+	for i in $(seq 200); do
+		[[ -S $SOCK ]] && return 0
+		kill -0 "$PID" 2>/dev/null || die "daemon exited early; see $1"
+		sleep 0.05
+	done
+	die "daemon did not create $SOCK; see $1"
+}
+
+# run NAME BACKEND -- DAEMON ARGS...: start the pinned daemon, run the load, stop the daemon.
+run() {
+	local name=$1 backend=$2
+	shift 3
+	rm -f "$SOCK"
+	taskset -c "$DAEMON_CPU" "$@" >"$OUT/$name-$backend.log" 2>&1 &
+	PID=$!
+	wait_socket "$OUT/$name-$backend.log"
+	taskset -c "$LOADGEN_CPU" "$LOADGEN" --socket "$SOCK" --duration "$DURATION" --depths 1,32 \
+		--ops randread,randwrite --label "$name-$backend" --json "$OUT/$name-$backend.json" >&2
+	kill "$PID" && wait "$PID" 2>/dev/null || true
+	PID=
+}
+
+for backend in $BACKENDS; do
+	case $backend in
+	null)
+		run qsd null -- qemu-storage-daemon --blockdev driver=null-co,node-name=n,size=1073741824 \
+			--export "type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=$SOCK,writable=on"
+		run iovirt null -- "$DAEMON" --socket "$SOCK" --disk null,size=1G
+		;;
+	file)
+		# A real 1 GiB file (written, not sparse), so reads reach the disk through O_DIRECT.
+		dd if=/dev/zero of="$IMG" bs=1M count=1024 conv=fsync status=none
+		run qsd file -- qemu-storage-daemon \
+			--blockdev "driver=file,node-name=f,filename=$IMG,cache.direct=on,aio=io_uring" \
+			--export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$SOCK,writable=on"
+		run iovirt file -- "$DAEMON" --socket "$SOCK" --disk "path=$IMG,cache=none"
+		;;
+	*) die "unknown back-end $backend (null, file)" ;;
+	esac
+done
+
+python3 - "$OUT" "$DURATION" $BACKENDS <<'EOF'
+import json, sys
+out, duration, backends = sys.argv[1], sys.argv[2], sys.argv[3:]
+print(f"4 KiB random I/O, {duration} s per job, daemon pinned to 1 core, libblkio frontend on another.\n")
+print("| back-end | op | QD | qemu-storage-daemon IOPS | iovirt IOPS | iovirt/qsd | qsd p50 / p99 / p99.9 (µs) | iovirt p50 / p99 / p99.9 (µs) |")
+print("|---|---|---:|---:|---:|---:|---|---|")
+for b in backends:
+    q = {(r["op"], r["queue_depth"]): r for r in json.load(open(f"{out}/qsd-{b}.json"))}
+    i = {(r["op"], r["queue_depth"]): r for r in json.load(open(f"{out}/iovirt-{b}.json"))}
+    for k in q:
+        a, c = q[k], i.get(k)
+        if c is None:
+            continue
+        lat = lambda r: f'{r["lat_p50_us"]:.1f} / {r["lat_p99_us"]:.1f} / {r["lat_p999_us"]:.1f}'
+        ratio = c["iops"] / a["iops"] if a["iops"] else float("nan")
+        print(f'| {b} | {k[0]} | {k[1]} | {a["iops"]:,.0f} | {c["iops"]:,.0f} | {ratio:.2f}x | {lat(a)} | {lat(c)} |')
+EOF
+echo
+echo "raw results: $OUT" >&2
