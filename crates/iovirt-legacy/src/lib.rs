@@ -17,5 +17,6 @@ pub mod chipset;
 pub mod debugcon;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod ide;
 pub mod rtc;
 pub mod serial;
