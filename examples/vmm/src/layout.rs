@@ -20,6 +20,8 @@ pub const BIOS_SHADOW_START: u64 = 0xE_0000;
 pub const BIOS_SHADOW_SIZE: u64 = 0x2_0000;
 /// End of conventional memory (640 KiB).
 pub const LOW_RAM_END: u64 = 0xA_0000;
+/// Start of the last KiB of base memory, reserved for the MP table in direct boot.
+pub const EBDA_START: u64 = 0x9_fc00;
 /// Start of extended memory (1 MiB).
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// IOAPIC MMIO page.
@@ -62,12 +64,13 @@ impl MemoryLayout {
         r
     }
 
-    /// The e820 map a direct-booted kernel gets: RAM below 640K, RAM from 1 MiB,
-    /// RAM above 4G; the legacy hole and the 32-bit device area reserved.
+    /// The e820 map a direct-booted kernel gets: RAM below 639K (the last KiB below
+    /// 640K holds the MP table), RAM from 1 MiB, RAM above 4G; the legacy hole and the
+    /// 32-bit device area reserved.
     pub fn e820(&self) -> Vec<(u64, u64, u32)> {
         let mut map = vec![
-            (0, LOW_RAM_END, E820_RAM),
-            (LOW_RAM_END, HIGH_RAM_START - LOW_RAM_END, E820_RESERVED),
+            (0, EBDA_START, E820_RAM),
+            (EBDA_START, HIGH_RAM_START - EBDA_START, E820_RESERVED),
             (
                 HIGH_RAM_START,
                 self.below_4g.saturating_sub(HIGH_RAM_START),
@@ -102,6 +105,6 @@ mod tests {
             .filter(|e| e.2 == E820_RAM)
             .map(|e| e.1)
             .sum();
-        assert_eq!(ram, (4 << 30) - (HIGH_RAM_START - LOW_RAM_END));
+        assert_eq!(ram, (4 << 30) - (HIGH_RAM_START - EBDA_START));
     }
 }

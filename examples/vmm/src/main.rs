@@ -119,6 +119,7 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
                 initrd: cfg.initrd.as_deref(),
                 cmdline: &cfg.cmdline,
                 layout,
+                cpus: cfg.cpus,
             },
             &ram,
         )?),

@@ -8,8 +8,8 @@
 //!   and long mode enabled (the x86 64-bit boot protocol).
 //!
 //! Only the boot vCPU (0) gets these registers; the others wait for INIT/SIPI in
-//! KVM's reset state. There is no MP table or ACPI yet, so a direct-booted kernel
-//! sees one CPU whatever `--cpus` says.
+//! KVM's reset state. An MP table (see [`super::mptable`]) lists every vCPU and the
+//! IOAPIC; there is no ACPI.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -85,6 +85,8 @@ pub struct LinuxBoot<'a> {
     pub cmdline: &'a str,
     /// RAM layout.
     pub layout: MemoryLayout,
+    /// vCPU count (for the MP table).
+    pub cpus: u32,
 }
 
 fn mem_err<E: std::fmt::Display>(e: E) -> BootError {
@@ -169,6 +171,9 @@ pub fn load(cfg: &LinuxBoot<'_>, mem: &GuestMemoryMmap) -> Result<EntryPoint, Bo
         None => None,
     };
 
+    if let Err(e) = super::mptable::write(mem, cfg.cpus) {
+        log::warn!("no MP table, the kernel will see one CPU: {e}");
+    }
     let e820: Vec<(u64, u64, u32)> = cfg.layout.e820();
     match (format, result.pvh_boot_cap) {
         (Format::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {

@@ -2,6 +2,7 @@
 
 pub mod firmware;
 pub mod linux;
+pub mod mptable;
 
 /// Errors preparing the guest's boot.
 #[derive(Debug, thiserror::Error)]
