@@ -16,6 +16,7 @@
 //! disconnects leaves the daemon ready for the next one.
 //!
 //! ```
+//! use std::time::Duration;
 //! use iovirt_vhost_user_blk::device::BlkDevice;
 //! use iovirt_vhost_user_blk::disk::DiskSpec;
 //! use iovirt_virtio::block::BlockConfig;
@@ -24,7 +25,7 @@
 //!
 //! let disk = "memory,size=1M".parse::<DiskSpec>().unwrap().open().unwrap();
 //! let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-//! let dev = BlkDevice::new(disk, BlockConfig::default(), mem).unwrap();
+//! let dev = BlkDevice::new(disk, BlockConfig::default(), mem, Duration::ZERO).unwrap();
 //! // Capacity in 512-byte sectors, at offset 0 of the configuration space.
 //! assert_eq!(dev.get_config(0, 8), 2048u64.to_le_bytes());
 //! ```

@@ -13,13 +13,14 @@ use iovirt_vhost_user_blk::disk::DiskSpec;
 use iovirt_vhost_user_blk::server::{serve, ServerConfig};
 use iovirt_vhost_user_blk::Error;
 
-const USAGE: &str = "usage: iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID] [--connections N]
+const USAGE: &str = "usage: iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID] [--poll-us N] [--connections N]
   --disk path=FILE[,readonly=on][,cache=none|writethrough|writeback|unsafe][,engine=auto|io_uring|threads]
   --disk null[,size=1G]      a disk that stores nothing (benchmarks)
   --disk memory,size=64M     a zero-filled disk in memory
   --queues N                 request queues (default 1, at most 64)
   --queue-size N             largest queue size a frontend may use (default 1024)
   --serial ID                serial number (GET_ID, up to 20 bytes; default iovirt)
+  --poll-us N                after a kick, poll the ring N microseconds before sleeping (default 50, 0: off)
   --connections N            exit after serving N frontends (default: serve forever)";
 
 fn parse_args() -> Result<(DiskSpec, ServerConfig), Error> {
@@ -31,6 +32,7 @@ fn parse_args() -> Result<(DiskSpec, ServerConfig), Error> {
         queue_size: 1024,
         serial: "iovirt".into(),
         connections: None,
+        poll: std::time::Duration::from_micros(50),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -79,6 +81,15 @@ fn parse_args() -> Result<(DiskSpec, ServerConfig), Error> {
                     return Err(Error::Usage(format!("--serial {s:?}: at most 20 bytes")));
                 }
                 cfg.serial = s;
+            }
+            "--poll-us" => {
+                let v = value()?;
+                let us = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n <= 1_000_000)
+                    .ok_or_else(|| Error::Usage(format!("--poll-us {v}: expected 0 to 1000000")))?;
+                cfg.poll = std::time::Duration::from_micros(us);
             }
             "--connections" => cfg.connections = Some(num(value()?, u64::MAX)?),
             _ => return Err(Error::Usage(format!("unknown argument {a:?}\n{USAGE}"))),

@@ -24,6 +24,8 @@ pub struct ServerConfig {
     pub queue_size: u16,
     /// Serial number returned by GET_ID.
     pub serial: String,
+    /// How long a queue's worker polls for new requests after a kick.
+    pub poll: std::time::Duration,
     /// Serve this many connections, then return (`None`: forever).
     pub connections: Option<u64>,
 }
@@ -41,7 +43,6 @@ pub fn serve(disk: Arc<dyn BlockBackend>, cfg: &ServerConfig) -> Result<(), Erro
         num_queues: queues,
         queue_size: cfg.queue_size,
         serial: cfg.serial.as_bytes().to_vec(),
-        seg_max: u32::from(cfg.queue_size).saturating_sub(2).max(1),
         ..BlockConfig::default()
     };
     let mut listener = Listener::new(&cfg.socket, true).map_err(|e| Error::Listen {
@@ -57,7 +58,7 @@ pub fn serve(disk: Arc<dyn BlockBackend>, cfg: &ServerConfig) -> Result<(), Erro
     let mut served = 0u64;
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let dev = BlkDevice::new(disk.clone(), blk_cfg.clone(), mem.clone())?;
+        let dev = BlkDevice::new(disk.clone(), blk_cfg.clone(), mem.clone(), cfg.poll)?;
         let mut daemon = VhostUserDaemon::new("iovirt-vhost-user-blk".into(), dev.clone(), mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
         for (handler, fd) in daemon.get_epoll_handlers().iter().zip(dev.completion_fds()) {
