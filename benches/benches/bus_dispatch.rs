@@ -18,8 +18,13 @@ impl BusDevice for Nop {
 fn bus_with(n: u64) -> Bus {
     let bus = Bus::new(AddressSpace::Mmio);
     for i in 0..n {
-        bus.insert(&format!("dev{i}"), 0x1000_0000 + i * 0x1000, 0x1000, Arc::new(Nop))
-            .expect("disjoint ranges");
+        bus.insert(
+            &format!("dev{i}"),
+            0x1000_0000 + i * 0x1000,
+            0x1000,
+            Arc::new(Nop),
+        )
+        .expect("disjoint ranges");
     }
     bus
 }

@@ -230,7 +230,7 @@ impl Bus {
 
     fn overlap(map: &BTreeMap<u64, Entry>, base: u64, len: u64) -> Option<(u64, &Entry)> {
         let end = base + len - 1; // callers checked that this does not wrap
-        // The only candidates are the last range starting at or before `end`.
+                                  // The only candidates are the last range starting at or before `end`.
         map.range(..=end)
             .next_back()
             .filter(|(b, e)| **b + (e.len - 1) >= base)

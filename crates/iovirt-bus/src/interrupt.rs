@@ -100,7 +100,10 @@ pub mod test_doubles {
         }
         /// Messages delivered so far, oldest first.
         pub fn messages(&self) -> Vec<MsiMessage> {
-            self.messages.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            self.messages
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
         }
     }
 

@@ -41,7 +41,6 @@ pub mod interrupt;
 pub mod pci;
 
 pub use bus::{
-    AddressSpace, Bus, BusDevice, BusDeviceMut, BusError, Claim, RangeInfo, TrapCounters,
-    TrapStats,
+    AddressSpace, Bus, BusDevice, BusDeviceMut, BusError, Claim, RangeInfo, TrapCounters, TrapStats,
 };
 pub use interrupt::{InterruptError, InterruptLine, MsiMessage, MsiSink};
