@@ -253,11 +253,8 @@ impl Drive {
 
     /// The status a device shows when idle and ready.
     pub fn ready_status(&self) -> u8 {
-        if self.is_atapi() {
-            STATUS_DRDY | STATUS_DSC
-        } else {
-            STATUS_DRDY | STATUS_DSC
-        }
+        // ATA and ATAPI devices both report DRDY|DSC when done (as QEMU does).
+        STATUS_DRDY | STATUS_DSC
     }
 
     /// Power-on/hardware/software reset of this device.

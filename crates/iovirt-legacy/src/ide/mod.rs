@@ -791,7 +791,9 @@ impl IdeState {
                 ));
             }
             for (ui, d) in c.drives.iter().enumerate() {
-                if d.status & (STATUS_BSY | STATUS_DRQ) != 0 {
+                // BSY alone is what a device shows while SRST is held.
+                let in_reset = c.control & CONTROL_SRST != 0 && d.status == STATUS_BSY;
+                if d.status & (STATUS_BSY | STATUS_DRQ) != 0 && !in_reset {
                     return bad(format!(
                         "drive {ci}.{ui} status {:#04x} shows a command in progress",
                         d.status
