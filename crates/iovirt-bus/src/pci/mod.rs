@@ -26,6 +26,7 @@ pub use msix::{
 };
 pub use root::{
     BarEvent, BarObserver, PciRoot, CONFIG_ADDRESS_ENABLE, CONFIG_PORT, CONFIG_PORT_LEN,
+    RESET_CONTROL_RST_CPU, RESET_CONTROL_SYS_RST,
 };
 
 /// Errors from building PCI functions and adding them to a root.

@@ -73,7 +73,16 @@ struct Inner {
     address: u32,
     slots: BTreeMap<u8, Slot>,
     observer: Option<Arc<dyn BarObserver>>,
+    reset_control: u8,
+    reset_handler: Option<Arc<dyn Fn() + Send + Sync>>,
 }
+
+/// Offset of the PIIX reset control register (port 0xCF9) inside the 0xCF8 window.
+const RESET_CONTROL: u64 = 1;
+/// Reset control: bit 1 selects a full system reset (rather than a soft CPU reset).
+pub const RESET_CONTROL_SYS_RST: u8 = 1 << 1;
+/// Reset control: a 0 → 1 transition of bit 2 resets the machine.
+pub const RESET_CONTROL_RST_CPU: u8 = 1 << 2;
 
 /// A PCI root bus (bus 0) reached through configuration mechanism #1.
 ///
@@ -161,6 +170,8 @@ impl PciRoot {
                 address: 0,
                 slots: BTreeMap::new(),
                 observer: None,
+                reset_control: 0,
+                reset_handler: None,
             }),
         }
     }
@@ -174,6 +185,13 @@ impl PciRoot {
         let pio = self.bus(AddressSpace::Pio).ok_or(PciError::BusGone)?;
         pio.insert("pci-root", CONFIG_PORT, CONFIG_PORT_LEN, self.clone())?;
         Ok(())
+    }
+
+    /// Set the handler called when the guest resets the machine through the
+    /// PIIX reset control register at port 0xCF9 (Linux `reboot=pci`): a
+    /// byte write that sets bit 2 ([`RESET_CONTROL_RST_CPU`]).
+    pub fn set_reset_handler(&self, handler: Arc<dyn Fn() + Send + Sync>) {
+        self.lock().reset_handler = Some(handler);
     }
 
     /// Set the observer told about every BAR registration change.
@@ -353,6 +371,7 @@ impl BusDevice for PciRoot {
         let inner = self.lock();
         match offset {
             0 if data.len() == 4 => data.copy_from_slice(&inner.address.to_le_bytes()),
+            RESET_CONTROL if data.len() == 1 => data[0] = inner.reset_control,
             4..=7 => {
                 let Some((devfn, reg)) = Self::target(&inner, offset - 4, data.len()) else {
                     data.fill(0xff);
@@ -376,6 +395,19 @@ impl BusDevice for PciRoot {
                 b.copy_from_slice(data);
                 inner.address = u32::from_le_bytes(b) & CONFIG_ADDRESS_MASK;
             }
+            RESET_CONTROL if data.len() == 1 => {
+                let old = inner.reset_control;
+                let new = data[0] & (RESET_CONTROL_SYS_RST | RESET_CONTROL_RST_CPU);
+                inner.reset_control = new & RESET_CONTROL_SYS_RST;
+                if old & RESET_CONTROL_RST_CPU == 0 && new & RESET_CONTROL_RST_CPU != 0 {
+                    let handler = inner.reset_handler.clone();
+                    drop(inner);
+                    log::info!("guest reset through port 0xCF9 ({new:#04x})");
+                    if let Some(h) = handler {
+                        h();
+                    }
+                }
+            }
             4..=7 => {
                 let Some((devfn, reg)) = Self::target(&inner, offset - 4, data.len()) else {
                     return;
@@ -393,6 +425,31 @@ impl BusDevice for PciRoot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reset_control_port_calls_the_handler() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let pio = Arc::new(Bus::new(crate::AddressSpace::Pio));
+        let mmio = Arc::new(Bus::new(crate::AddressSpace::Mmio));
+        let root = Arc::new(PciRoot::new(pio.clone(), mmio));
+        root.register().unwrap();
+        let resets = Arc::new(AtomicUsize::new(0));
+        let r = resets.clone();
+        root.set_reset_handler(Arc::new(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+        }));
+        // Linux's reboot=pci: 0x02 (select hard reset), then 0x06 (go).
+        pio.write(0xcf9, &[0x02]);
+        assert_eq!(resets.load(Ordering::SeqCst), 0);
+        let mut b = [0u8; 1];
+        pio.read(0xcf9, &mut b);
+        assert_eq!(b, [0x02]);
+        pio.write(0xcf9, &[0x06]);
+        assert_eq!(resets.load(Ordering::SeqCst), 1);
+        // A dword write to 0xCF8 is still the config address, not a reset.
+        pio.write(0xcf8, &0x8000_0000u32.to_le_bytes());
+        assert_eq!(resets.load(Ordering::SeqCst), 1);
+    }
     use crate::interrupt::test_doubles::RecordingMsiSink;
     use crate::pci::*;
     use proptest::prelude::*;
