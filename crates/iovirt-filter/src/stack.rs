@@ -1,0 +1,1 @@
+//! Declarative filter stacks (being written).
