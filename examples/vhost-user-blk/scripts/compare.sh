@@ -4,13 +4,17 @@
 # pinned to one core (IOPS per core), the load generator (iovirt-blk-loadgen, libblkio) on another.
 # Prints a markdown table; raw JSON and logs stay in --out.
 #
-# Usage: examples/vhost-user-blk/scripts/compare.sh [--duration SECS] [--out DIR] [--no-build]
-#        [--daemon-cpu N] [--loadgen-cpu N] [--backends "null file"]
+# The two daemons take turns for --rounds rounds and the table shows each one's median IOPS (and the
+# latencies of that median run), which keeps a shared, noisy machine from favouring either side.
+#
+# Usage: examples/vhost-user-blk/scripts/compare.sh [--duration SECS] [--rounds N] [--out DIR]
+#        [--no-build] [--daemon-cpu N] [--loadgen-cpu N] [--backends "null file"]
 set -euo pipefail
 
 SELF_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$SELF_DIR/../../.." && pwd)
 DURATION=5
+ROUNDS=3
 OUT=
 BUILD=1
 DAEMON_CPU=0
@@ -19,12 +23,13 @@ BACKENDS="null file"
 while (($#)); do
 	case $1 in
 	--duration) DURATION=${2:?} && shift ;;
+	--rounds) ROUNDS=${2:?} && shift ;;
 	--out) OUT=${2:?} && shift ;;
 	--no-build) BUILD=0 ;;
 	--daemon-cpu) DAEMON_CPU=${2:?} && shift ;;
 	--loadgen-cpu) LOADGEN_CPU=${2:?} && shift ;;
 	--backends) BACKENDS=${2:?} && shift ;;
-	-h | --help) sed -n '2,8p' "$0" && exit 0 ;;
+	-h | --help) sed -n '2,11p' "$0" && exit 0 ;;
 	*) echo "compare.sh: unknown argument $1" >&2 && exit 2 ;;
 	esac
 	shift
@@ -78,44 +83,56 @@ run() {
 	PID=$!
 	wait_socket "$OUT/$name-$backend.log"
 	taskset -c "$LOADGEN_CPU" "$LOADGEN" --socket "$SOCK" --duration "$DURATION" --depths 1,32 \
-		--ops randread,randwrite --label "$name-$backend" --json "$OUT/$name-$backend.json" >&2
+		--ops randread,randwrite --label "$name-$backend" --json "$OUT/$name-$backend-$ROUND.json" >&2
 	kill "$PID" && wait "$PID" 2>/dev/null || true
 	PID=
 }
 
 for backend in $BACKENDS; do
-	case $backend in
-	null)
-		run qsd null -- qemu-storage-daemon --blockdev driver=null-co,node-name=n,size=1073741824 \
-			--export "type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=$SOCK,writable=on"
-		run iovirt null -- "$DAEMON" --socket "$SOCK" --disk null,size=1G
-		;;
-	file)
+	if [[ $backend == file ]]; then
 		# A real 1 GiB file (written, not sparse), so reads reach the disk through O_DIRECT.
 		dd if=/dev/zero of="$IMG" bs=1M count=1024 conv=fsync status=none
-		run qsd file -- qemu-storage-daemon \
-			--blockdev "driver=file,node-name=f,filename=$IMG,cache.direct=on,aio=io_uring" \
-			--export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$SOCK,writable=on"
-		run iovirt file -- "$DAEMON" --socket "$SOCK" --disk "path=$IMG,cache=none"
-		;;
-	*) die "unknown back-end $backend (null, file)" ;;
-	esac
+	fi
+	for ROUND in $(seq "$ROUNDS"); do
+		case $backend in
+		null)
+			run qsd null -- qemu-storage-daemon --blockdev driver=null-co,node-name=n,size=1073741824 \
+				--export "type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=$SOCK,writable=on"
+			run iovirt null -- "$DAEMON" --socket "$SOCK" --disk null,size=1G
+			;;
+		file)
+			run qsd file -- qemu-storage-daemon \
+				--blockdev "driver=file,node-name=f,filename=$IMG,cache.direct=on,aio=io_uring" \
+				--export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$SOCK,writable=on"
+			run iovirt file -- "$DAEMON" --socket "$SOCK" --disk "path=$IMG,cache=none"
+			;;
+		*) die "unknown back-end $backend (null, file)" ;;
+		esac
+	done
 done
 
-python3 - "$OUT" "$DURATION" $BACKENDS <<'EOF'
+python3 - "$OUT" "$DURATION" "$ROUNDS" $BACKENDS <<'EOF'
 import json, sys
-out, duration, backends = sys.argv[1], sys.argv[2], sys.argv[3:]
-print(f"4 KiB random I/O, {duration} s per job, daemon pinned to 1 core, libblkio frontend on another.\n")
+out, duration, rounds, backends = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+
+def median_runs(name, b):
+    runs = {}
+    for r in range(1, rounds + 1):
+        for job in json.load(open(f"{out}/{name}-{b}-{r}.json")):
+            runs.setdefault((job["op"], job["queue_depth"]), []).append(job)
+    return {k: sorted(v, key=lambda j: j["iops"])[len(v) // 2] for k, v in runs.items()}
+
+print(f"4 KiB random I/O, {duration} s per job, median of {rounds} alternating rounds; "
+      "daemon pinned to 1 core, libblkio frontend on another.\n")
 print("| back-end | op | QD | qemu-storage-daemon IOPS | iovirt IOPS | iovirt/qsd | qsd p50 / p99 / p99.9 (µs) | iovirt p50 / p99 / p99.9 (µs) |")
 print("|---|---|---:|---:|---:|---:|---|---|")
+lat = lambda r: f'{r["lat_p50_us"]:.1f} / {r["lat_p99_us"]:.1f} / {r["lat_p999_us"]:.1f}'
 for b in backends:
-    q = {(r["op"], r["queue_depth"]): r for r in json.load(open(f"{out}/qsd-{b}.json"))}
-    i = {(r["op"], r["queue_depth"]): r for r in json.load(open(f"{out}/iovirt-{b}.json"))}
-    for k in q:
-        a, c = q[k], i.get(k)
+    q, i = median_runs("qsd", b), median_runs("iovirt", b)
+    for k, a in q.items():
+        c = i.get(k)
         if c is None:
             continue
-        lat = lambda r: f'{r["lat_p50_us"]:.1f} / {r["lat_p99_us"]:.1f} / {r["lat_p999_us"]:.1f}'
         ratio = c["iops"] / a["iops"] if a["iops"] else float("nan")
         print(f'| {b} | {k[0]} | {k[1]} | {a["iops"]:,.0f} | {c["iops"]:,.0f} | {ratio:.2f}x | {lat(a)} | {lat(c)} |')
 EOF
