@@ -5,6 +5,8 @@
 
 use std::path::PathBuf;
 
+use iovirt_backend::CacheMode;
+
 /// Default firmware: Debian's `seabios` package.
 pub const DEFAULT_FIRMWARE: &str = "/usr/share/seabios/bios-256k.bin";
 /// Default kernel command line for direct boot.
@@ -67,17 +69,29 @@ pub enum SerialMode {
     Null,
 }
 
-/// One `--disk` option, parsed and validated (wired to a device with virtio-blk).
+/// Which controller a `--disk` hangs off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiskInterface {
+    /// A virtio-blk-pci function (00:04.0 upward).
+    #[default]
+    Virtio,
+    /// An ATA disk on the PIIX3 IDE primary channel (master, then slave).
+    Ide,
+}
+
+/// One `--disk` option, parsed and validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
     /// Image file.
     pub path: PathBuf,
     /// Whether the guest may not write.
     pub readonly: bool,
-    /// Whether to bypass the host page cache (O_DIRECT).
-    pub direct: bool,
+    /// How the host page cache is used (`direct=on` is an alias of `cache=none`).
+    pub cache: CacheMode,
     /// Optional serial number shown to the guest (at most 20 bytes, as in virtio-blk).
     pub serial: Option<String>,
+    /// The controller.
+    pub interface: DiskInterface,
 }
 
 /// The whole configuration of a run.
@@ -101,6 +115,10 @@ pub struct Config {
     pub debugcon: Option<PathBuf>,
     /// Disks.
     pub disks: Vec<DiskConfig>,
+    /// ISO image for the ATAPI CD-ROM on the IDE secondary master.
+    pub cdrom: Option<PathBuf>,
+    /// Where to write the buses' trap counters (JSON) when the VM stops.
+    pub trap_stats: Option<PathBuf>,
     /// KVM device node (tests point it at a missing path).
     pub kvm_device: PathBuf,
 }
@@ -117,6 +135,8 @@ impl Default for Config {
             serial: SerialMode::Stdio,
             debugcon: None,
             disks: Vec::new(),
+            cdrom: None,
+            trap_stats: None,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
         }
     }
@@ -149,9 +169,12 @@ OPTIONS:
     --cpus N              number of vCPUs [default: 1]
     --serial MODE         UART 0x3f8: stdio | null | file=PATH [default: stdio]
     --debugcon file=PATH  write the debug console (port 0x402, SeaBIOS's log) to PATH
-    --disk path=FILE[,readonly=on][,direct=on][,serial=ID]
-                          a disk (repeatable); disks arrive with virtio-blk: for now the VMM
-                          refuses to start with one
+    --disk path=FILE[,readonly=on][,cache=none|writethrough|writeback|unsafe][,serial=ID][,interface=virtio|ide]
+                          a disk (repeatable): virtio-blk-pci at 00:04.0 upward (default), or
+                          an ATA disk on the IDE primary channel [default cache: none]
+    --cdrom FILE          an ISO image in the ATAPI CD-ROM on the IDE secondary master
+    --trap-stats FILE     write per-device PIO/MMIO trap counters, KVM exits and interrupt
+                          counts as JSON to FILE when the VM stops
     --kvm-device PATH     KVM device node [default: /dev/kvm]
     -h, --help            print this help
 
@@ -207,8 +230,9 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
     };
     let mut path = None;
     let mut readonly = false;
-    let mut direct = false;
+    let mut cache = CacheMode::None;
     let mut serial = None;
+    let mut interface = DiskInterface::Virtio;
     for item in value.split(',') {
         let (k, v) = item
             .split_once('=')
@@ -217,7 +241,21 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
             "path" if v.is_empty() => return Err(bad("empty path".into())),
             "path" => path = Some(PathBuf::from(v)),
             "readonly" => readonly = parse_on_off(k, v, value)?,
-            "direct" => direct = parse_on_off(k, v, value)?,
+            "direct" => {
+                cache = if parse_on_off(k, v, value)? {
+                    CacheMode::None
+                } else {
+                    CacheMode::Writeback
+                }
+            }
+            "cache" => cache = v.parse().map_err(bad)?,
+            "interface" | "if" => {
+                interface = match v {
+                    "virtio" => DiskInterface::Virtio,
+                    "ide" => DiskInterface::Ide,
+                    _ => return Err(bad(format!("interface={v:?} must be virtio or ide"))),
+                }
+            }
             "serial" if v.len() > 20 => return Err(bad("serial is longer than 20 bytes".into())),
             "serial" => serial = Some(v.to_string()),
             _ => return Err(bad(format!("unknown key {k:?}"))),
@@ -227,8 +265,9 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
     Ok(DiskConfig {
         path,
         readonly,
-        direct,
+        cache,
         serial,
+        interface,
     })
 }
 
@@ -266,6 +305,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--serial" => "--serial",
             "--debugcon" => "--debugcon",
             "--disk" => "--disk",
+            "--cdrom" => "--cdrom",
+            "--trap-stats" => "--trap-stats",
             "--kvm-device" => "--kvm-device",
             _ => return Err(CliError::UnknownOption(arg)),
         };
@@ -309,6 +350,12 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 _ => return Err(CliError::BadDebugcon(value)),
             },
             "--disk" => cfg.disks.push(parse_disk(&value)?),
+            "--cdrom" if value.is_empty() => return Err(CliError::MissingValue("--cdrom")),
+            "--cdrom" => cfg.cdrom = Some(PathBuf::from(value)),
+            "--trap-stats" if value.is_empty() => {
+                return Err(CliError::MissingValue("--trap-stats"))
+            }
+            "--trap-stats" => cfg.trap_stats = Some(PathBuf::from(value)),
             "--kvm-device" => cfg.kvm_device = PathBuf::from(value),
             _ => unreachable!("every option name is matched above"),
         }
@@ -375,15 +422,27 @@ mod tests {
             "path=/a,readonly=on",
             "--disk",
             "path=/b,serial=xyz,direct=off",
+            "--disk",
+            "path=/c,cache=writethrough,interface=ide",
+            "--cdrom",
+            "/cd.iso",
+            "--trap-stats=/tmp/t.json",
         ]);
         assert_eq!(c.mem, 1 << 30);
         assert_eq!(c.cpus, 2);
         assert_eq!(c.serial, SerialMode::File("/tmp/x".into()));
         assert_eq!(c.debugcon, Some("/tmp/d".into()));
         assert_eq!(c.cmdline, "a b=c");
-        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks.len(), 3);
         assert!(c.disks[0].readonly);
+        assert_eq!(c.disks[0].cache, CacheMode::None);
+        assert_eq!(c.disks[0].interface, DiskInterface::Virtio);
         assert_eq!(c.disks[1].serial.as_deref(), Some("xyz"));
+        assert_eq!(c.disks[1].cache, CacheMode::Writeback);
+        assert_eq!(c.disks[2].cache, CacheMode::Writethrough);
+        assert_eq!(c.disks[2].interface, DiskInterface::Ide);
+        assert_eq!(c.cdrom, Some("/cd.iso".into()));
+        assert_eq!(c.trap_stats, Some("/tmp/t.json".into()));
         assert_eq!(p(&["--help"]), Ok(Command::Help));
     }
 
@@ -414,6 +473,8 @@ mod tests {
             "path=",
             "path=/a,foo=1",
             "path=/a,readonly=maybe",
+            "path=/a,cache=fast",
+            "path=/a,interface=scsi",
             "x",
         ] {
             assert!(

@@ -12,6 +12,9 @@
 //! | 00:00.0 host      | PCI               | -   | `iovirt_legacy::chipset::I440fx`     |
 //! | 00:01.0 ISA       | PCI               | -   | `iovirt_legacy::chipset::Piix3`      |
 //!
+//! Disks (virtio-blk-pci at 00:04.0 upward, the IDE function at 00:01.1) are
+//! wired afterwards by [`crate::disks`].
+//!
 //! The PIT, PIC, IOAPIC and LAPICs are KVM's in-kernel models. PAM changes are
 //! logged; RAM below 1 MiB stays writable RAM whatever PAM says (SeaBIOS only
 //! opens it for writing, which is what plain RAM already does).
@@ -105,6 +108,10 @@ pub type SerialDevice = Arc<Mutex<Serial<SerialOut>>>;
 pub struct Devices {
     /// COM1.
     pub serial: SerialDevice,
+    /// The PCI root (disks add their functions to it).
+    pub pci: Arc<PciRoot>,
+    /// The PIIX3 ISA bridge (its PIRQ routes carry PCI INTx).
+    pub piix3: Arc<Mutex<Piix3>>,
 }
 
 /// Turns the i8042's reset line into a VM exit.
@@ -250,7 +257,7 @@ pub fn wire(
     let pci = Arc::new(PciRoot::new(pio.clone(), mmio.clone()));
     pci.register()?;
     pci.add_function(I440FX_ADDRESS, I440fx::with_observer(Arc::new(PamLog)))?;
-    pci.add_function(PIIX3_ADDRESS, Piix3::new())?;
+    let piix3 = pci.add_function(PIIX3_ADDRESS, Piix3::new())?;
 
-    Ok(Devices { serial })
+    Ok(Devices { serial, pci, piix3 })
 }

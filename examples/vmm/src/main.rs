@@ -12,7 +12,10 @@
 mod boot;
 mod cli;
 mod devices;
+mod disks;
+mod irq;
 mod layout;
+mod stats;
 mod terminal;
 mod vcpu;
 mod vm;
@@ -39,8 +42,8 @@ enum VmmError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Devices(#[from] DeviceError),
-    #[error("disk support arrives with virtio-blk: --disk {0} was parsed and checked, but no disk device exists yet")]
-    DisksUnsupported(String),
+    #[error(transparent)]
+    Disks(#[from] disks::DiskError),
     #[error("disk image {path}: {err}")]
     DiskImage { path: String, err: std::io::Error },
     #[error("cannot allocate {size:#x} bytes of guest memory: {err}")]
@@ -82,18 +85,13 @@ fn main() {
 }
 
 fn check_disks(cfg: &Config) -> Result<(), VmmError> {
-    // Every disk is checked (so a typo shows up now), then refused.
-    for d in &cfg.disks {
-        std::fs::metadata(&d.path).map_err(|err| VmmError::DiskImage {
-            path: d.path.display().to_string(),
+    // Every image is checked before KVM is touched, so a typo shows up at once.
+    let images = cfg.disks.iter().map(|d| &d.path).chain(cfg.cdrom.iter());
+    for path in images {
+        std::fs::metadata(path).map_err(|err| VmmError::DiskImage {
+            path: path.display().to_string(),
             err,
         })?;
-    }
-    if let Some(d) = cfg.disks.first() {
-        return Err(VmmError::DisksUnsupported(format!(
-            "path={}",
-            d.path.display()
-        )));
     }
     Ok(())
 }
@@ -151,6 +149,21 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
         },
         &exit,
     )?;
+    let msi: Arc<dyn iovirt_bus::MsiSink> =
+        Arc::new(irq::KvmMsiRouter::new(vm.fd.clone(), vm.msi_routing));
+    let disks = disks::attach(
+        &disks::DiskWiring {
+            vm: &vm.fd,
+            ram: &ram,
+            pio: &pio,
+            pci: &devices.pci,
+            piix3: &devices.piix3,
+            msi,
+            ioeventfd: vm.ioeventfd,
+        },
+        &cfg.disks,
+        cfg.cdrom.as_deref(),
+    )?;
 
     // vCPUs.
     vcpu::install_kick_handler()?;
@@ -207,6 +220,17 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
     let reason = exit.wait();
     vcpu::stop_all(threads);
     log::debug!("PIO trap counters: {:?}", pio.all_stats());
+    if let Some(ide) = &disks.ide {
+        log::debug!("IDE idle at exit: {}", ide.is_idle());
+    }
+    if let Some(path) = &cfg.trap_stats {
+        if let Err(e) = stats::write(path, &pio, &mmio) {
+            eprintln!(
+                "iovirt-vmm: cannot write trap stats to {}: {e}",
+                path.display()
+            );
+        }
+    }
     match reason {
         ExitReason::Error(msg) => Err(VmmError::Guest(msg)),
         r => Ok(r),

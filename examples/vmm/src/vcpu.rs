@@ -17,6 +17,7 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::stats::EXITS;
 use crate::vm::{kvm_err, VmError};
 
 /// Why the VM stopped.
@@ -241,7 +242,14 @@ fn run_loop(ctx: &mut VcpuContext) -> Option<ExitReason> {
         if ctx.exit.stopping() {
             return None;
         }
-        match ctx.fd.run() {
+        let result = ctx.fd.run();
+        let counter = match &result {
+            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => &EXITS.io,
+            Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) => &EXITS.mmio,
+            _ => &EXITS.other,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match result {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
                     for item in data.chunks_mut(io_size()) {

@@ -5,9 +5,9 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use iovirt_bus::{InterruptError, InterruptLine, MsiMessage, MsiSink};
+use iovirt_bus::{InterruptError, InterruptLine};
 use kvm_bindings::{
-    kvm_msi, kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -81,6 +81,10 @@ pub struct Vm {
     pub fd: Arc<VmFd>,
     next_slot: u32,
     readonly_mem: bool,
+    /// KVM can signal eventfds on guest writes (`KVM_CAP_IOEVENTFD`).
+    pub ioeventfd: bool,
+    /// KVM can route MSIs to irqfds (`KVM_CAP_IRQFD` and `KVM_CAP_IRQ_ROUTING`).
+    pub msi_routing: bool,
 }
 
 impl Vm {
@@ -99,6 +103,9 @@ impl Vm {
             }
         }
         let readonly_mem = kvm.check_extension(Cap::ReadonlyMem);
+        let ioeventfd = kvm.check_extension(Cap::Ioeventfd);
+        let msi_routing = kvm.check_extension(Cap::Irqfd) && kvm.check_extension(Cap::IrqRouting);
+        log::debug!("KVM: ioeventfd {ioeventfd}, irqfd + GSI routing {msi_routing}");
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -115,6 +122,8 @@ impl Vm {
             fd: Arc::new(fd),
             next_slot: 0,
             readonly_mem,
+            ioeventfd,
+            msi_routing,
         })
     }
 
@@ -178,43 +187,15 @@ fn io_err(e: kvm_ioctls::Error) -> InterruptError {
 impl InterruptLine for KvmIrqLine {
     fn trigger(&self) -> Result<(), InterruptError> {
         // An edge: pulse the pin high then low.
+        crate::irq::count_line_assert(self.gsi);
         self.vm.set_irq_line(self.gsi, true).map_err(io_err)?;
         self.vm.set_irq_line(self.gsi, false).map_err(io_err)
     }
 
     fn set_level(&self, asserted: bool) -> Result<(), InterruptError> {
-        self.vm.set_irq_line(self.gsi, asserted).map_err(io_err)
-    }
-}
-
-/// MSIs delivered with `KVM_SIGNAL_MSI` (wired with the first MSI-capable PCI device).
-#[allow(dead_code)]
-pub struct KvmMsiSink {
-    vm: Arc<VmFd>,
-}
-
-#[allow(dead_code)]
-impl KvmMsiSink {
-    /// A sink for the VM.
-    pub fn new(vm: Arc<VmFd>) -> Self {
-        KvmMsiSink { vm }
-    }
-}
-
-impl MsiSink for KvmMsiSink {
-    fn send(&self, msg: MsiMessage) -> Result<(), InterruptError> {
-        let m = kvm_msi {
-            address_lo: msg.address as u32,
-            address_hi: (msg.address >> 32) as u32,
-            data: msg.data,
-            ..Default::default()
-        };
-        match self.vm.signal_msi(m).map_err(io_err)? {
-            0 => Err(InterruptError::NotRouted(format!(
-                "MSI {:#x}/{:#x} was blocked by the guest",
-                msg.address, msg.data
-            ))),
-            _ => Ok(()),
+        if asserted {
+            crate::irq::count_line_assert(self.gsi);
         }
+        self.vm.set_irq_line(self.gsi, asserted).map_err(io_err)
     }
 }

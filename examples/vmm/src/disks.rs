@@ -1,0 +1,300 @@
+//! Disks: virtio-blk-pci functions at 00:04.0 upward, and the PIIX3 IDE
+//! function at 00:01.1 with ATA disks on the primary channel and an ATAPI
+//! CD-ROM on the secondary master.
+//!
+//! # virtio-blk data path
+//!
+//! - Back-end: [`iovirt_backend::open_async`] with the disk's cache mode and
+//!   the `auto` engine (io_uring where the kernel allows it, a thread pool
+//!   otherwise). Requests run on the device's queue worker thread and the
+//!   back-end's threads, never on a vCPU thread.
+//! - Queue notifications: each queue's notification event is registered as a
+//!   KVM ioeventfd (any access length, no data match) at `BAR0 +
+//!   notify offset`. [`IoEventFds`] is the PCI root's [`BarObserver`]: every
+//!   time firmware or the guest moves BAR0 it unregisters the old addresses and
+//!   registers the new ones, so a notify write is handled inside KVM (no exit
+//!   to user space, never counted on the MMIO bus). If KVM refuses, the write
+//!   traps and the transport writes the same event.
+//! - Interrupts: MSI-X through [`crate::irq::KvmMsiRouter`] (irqfd per
+//!   message, `KVM_SIGNAL_MSI` fallback); INTA# through the PIIX3 PIRQ routes
+//!   ([`crate::irq::PirqLine`]) while MSI-X is off, as under SeaBIOS (which
+//!   polls the used ring and never enables interrupts).
+//!
+//! # IDE
+//!
+//! Only wired when a disk has `interface=ide` or `--cdrom` is given (SeaBIOS
+//! then probes the channels). The compatibility ports are fixed; BAR4 (bus
+//! master) goes wherever firmware puts it. IRQ 14/15 are ISA lines driven by
+//! level with `KVM_IRQ_LINE`. ATA disks use the same back-ends as virtio-blk;
+//! the CD-ROM's ISO is [`iovirt_backend::open_image`] on a small thread pool.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use iovirt_backend::{open_async, open_image, AsyncEngine, BlockBackend, OpenError, ThreadPool};
+use iovirt_bus::pci::{BarEvent, BarObserver, PciAddress, PciError, PciRoot};
+use iovirt_bus::{AddressSpace, Bus, BusError, InterruptLine, MsiSink};
+use iovirt_legacy::chipset::Piix3;
+use iovirt_legacy::ide::{Ide, IdeError, Slot, IDE_ADDRESS};
+use iovirt_virtio::block::{BlockConfig, BlockDeviceError, VirtioBlock};
+use iovirt_virtio::pci::{VirtioPciDevice, VirtioPciError, VIRTIO_BAR};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::cli::{DiskConfig, DiskInterface};
+use crate::irq::{LevelMux, PirqLine};
+use crate::vm::KvmIrqLine;
+
+/// PCI slot of the first virtio-blk function.
+pub const FIRST_VIRTIO_SLOT: u8 = 4;
+/// Last usable slot on bus 0.
+const LAST_SLOT: u8 = 31;
+
+/// Errors attaching disks.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The image could not be opened.
+    #[error("disk {path}: {err}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        err: OpenError,
+    },
+    /// virtio-blk refused its configuration.
+    #[error("virtio-blk for {path}: {err}")]
+    Block {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        err: BlockDeviceError,
+    },
+    /// The virtio-pci transport could not be built.
+    #[error("virtio-blk-pci for {path}: {err}")]
+    Transport {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        err: VirtioPciError,
+    },
+    /// The PCI root refused a function.
+    #[error("PCI: {0}")]
+    Pci(#[from] PciError),
+    /// The IDE controller refused a drive.
+    #[error("IDE: {0}")]
+    Ide(#[from] IdeError),
+    /// The IDE ports could not be registered.
+    #[error("IDE ports: {0}")]
+    Bus(#[from] BusError),
+    /// More disks than places for them.
+    #[error("too many {0} disks: {1}")]
+    TooMany(&'static str, &'static str),
+}
+
+/// Counters of the ioeventfd machinery, for the trap-stats file.
+pub static IOEVENTFDS_REGISTERED: AtomicU64 = AtomicU64::new(0);
+
+/// A function's queue notification events: (offset in BAR0, event).
+type NotifyEvents = Vec<(u64, Arc<EventFd>)>;
+
+/// Keeps every virtio queue's notification event registered as a KVM
+/// ioeventfd at its function's current BAR0 address.
+pub struct IoEventFds {
+    vm: Arc<VmFd>,
+    enabled: bool,
+    functions: Mutex<HashMap<PciAddress, NotifyEvents>>,
+}
+
+impl IoEventFds {
+    /// A registry for `vm`; with `enabled` false nothing is registered
+    /// (notifications then trap and the transport signals the events).
+    pub fn new(vm: Arc<VmFd>, enabled: bool) -> Self {
+        IoEventFds {
+            vm,
+            enabled,
+            functions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Watch `function`'s BAR0 for `events` (offset in the BAR, event).
+    pub fn add(&self, function: PciAddress, events: NotifyEvents) {
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(function, events);
+    }
+}
+
+fn ioevent_address(space: AddressSpace, addr: u64) -> IoEventAddress {
+    match space {
+        AddressSpace::Pio => IoEventAddress::Pio(addr),
+        AddressSpace::Mmio => IoEventAddress::Mmio(addr),
+    }
+}
+
+impl BarObserver for IoEventFds {
+    fn bar_moved(&self, event: &BarEvent) {
+        if !self.enabled || event.bar != VIRTIO_BAR {
+            return;
+        }
+        let functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(events) = functions.get(&event.function) else {
+            return;
+        };
+        for (offset, fd) in events {
+            if let Some(old) = event.old.and_then(|b| b.checked_add(*offset)) {
+                let a = ioevent_address(event.space, old);
+                match self.vm.unregister_ioevent(fd, &a, NoDatamatch) {
+                    Ok(()) => {
+                        IOEVENTFDS_REGISTERED.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    Err(e) => log::debug!("{}: ioeventfd at {old:#x}: {e}", event.function),
+                }
+            }
+            if let Some(new) = event.new.and_then(|b| b.checked_add(*offset)) {
+                let a = ioevent_address(event.space, new);
+                match self.vm.register_ioevent(fd, &a, NoDatamatch) {
+                    Ok(()) => {
+                        IOEVENTFDS_REGISTERED.fetch_add(1, Ordering::Relaxed);
+                        log::debug!("{}: queue notify ioeventfd at {new:#x}", event.function);
+                    }
+                    // The write then traps and the transport signals the event itself.
+                    Err(e) => log::warn!(
+                        "{}: cannot register an ioeventfd at {new:#x} ({e}); notifications will trap",
+                        event.function
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// What disk wiring needs from the rest of the VMM.
+pub struct DiskWiring<'a> {
+    /// The VM.
+    pub vm: &'a Arc<VmFd>,
+    /// Guest RAM (virtio rings and DMA).
+    pub ram: &'a GuestMemoryMmap,
+    /// The PIO bus (IDE ports).
+    pub pio: &'a Arc<Bus>,
+    /// The PCI root.
+    pub pci: &'a Arc<PciRoot>,
+    /// The PIIX3 (PIRQ routes).
+    pub piix3: &'a Arc<Mutex<Piix3>>,
+    /// Where MSI-X messages go.
+    pub msi: Arc<dyn MsiSink>,
+    /// Register ioeventfds for queue notifications.
+    pub ioeventfd: bool,
+}
+
+/// Disks as wired (handles kept for the VM's lifetime).
+pub struct Disks {
+    /// The IDE controller, when wired.
+    pub ide: Option<Ide>,
+}
+
+fn open_disk(d: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DiskError> {
+    open_async(&d.path, d.cache, d.readonly, AsyncEngine::Auto).map_err(|err| DiskError::Open {
+        path: d.path.clone(),
+        err,
+    })
+}
+
+/// Attach every `--disk` and the `--cdrom`.
+pub fn attach(
+    w: &DiskWiring<'_>,
+    disks: &[DiskConfig],
+    cdrom: Option<&Path>,
+) -> Result<Disks, DiskError> {
+    let ioeventfds = Arc::new(IoEventFds::new(w.vm.clone(), w.ioeventfd));
+    w.pci.set_bar_observer(ioeventfds.clone());
+    let mux = Arc::new(LevelMux::new(w.vm.clone()));
+
+    // virtio-blk-pci, 00:04.0 upward.
+    let virtio = disks
+        .iter()
+        .filter(|d| d.interface == DiskInterface::Virtio);
+    for (slot, d) in (FIRST_VIRTIO_SLOT..).zip(virtio) {
+        if slot > LAST_SLOT {
+            return Err(DiskError::TooMany("virtio", "PCI slots 4..=31 are full"));
+        }
+        let backend = open_disk(d)?;
+        let cfg = BlockConfig {
+            serial: d.serial.clone().unwrap_or_default().into_bytes(),
+            ..Default::default()
+        };
+        let blk = VirtioBlock::new(backend, cfg).map_err(|err| DiskError::Block {
+            path: d.path.clone(),
+            err,
+        })?;
+        let intx: Arc<dyn InterruptLine> =
+            Arc::new(PirqLine::new(mux.clone(), w.piix3.clone(), slot, 1));
+        let dev = VirtioPciDevice::new(
+            Box::new(blk),
+            GuestMemoryAtomic::new(w.ram.clone()),
+            w.msi.clone(),
+            Some(intx),
+        )
+        .map_err(|err| DiskError::Transport {
+            path: d.path.clone(),
+            err,
+        })?;
+        let addr = PciAddress::new(0, slot, 0)?;
+        ioeventfds.add(addr, dev.ioeventfds());
+        w.pci.add_function(addr, dev)?;
+        log::info!(
+            "virtio-blk-pci at {addr}: {} (cache={}{})",
+            d.path.display(),
+            d.cache,
+            if d.readonly { ", read-only" } else { "" }
+        );
+    }
+
+    // PIIX3 IDE at 00:01.1: ATA disks on the primary channel, the CD-ROM on the secondary master.
+    let ide_disks: Vec<&DiskConfig> = disks
+        .iter()
+        .filter(|d| d.interface == DiskInterface::Ide)
+        .collect();
+    if ide_disks.len() > 2 {
+        return Err(DiskError::TooMany(
+            "IDE",
+            "the primary channel holds a master and a slave",
+        ));
+    }
+    let ide = if ide_disks.is_empty() && cdrom.is_none() {
+        None
+    } else {
+        let line =
+            |gsi: u32| -> Arc<dyn InterruptLine> { Arc::new(KvmIrqLine::new(w.vm.clone(), gsi)) };
+        let ide = Ide::new(Arc::new(w.ram.clone()), line(14), line(15));
+        for (d, slot) in ide_disks
+            .iter()
+            .zip([Slot::PRIMARY_MASTER, Slot::PRIMARY_SLAVE])
+        {
+            ide.attach_disk(slot, open_disk(d)?)?;
+            log::info!("IDE {slot}: {}", d.path.display());
+        }
+        if let Some(iso) = cdrom {
+            let raw = open_image(iso).map_err(|err| DiskError::Open {
+                path: iso.to_path_buf(),
+                err,
+            })?;
+            let disc = ThreadPool::new(raw, 2, "cdrom").map_err(|e| DiskError::Open {
+                path: iso.to_path_buf(),
+                err: OpenError::Engine {
+                    engine: "thread-pool",
+                    source: e,
+                },
+            })?;
+            ide.attach_cdrom(Slot::SECONDARY_MASTER, Some(Arc::new(disc)))?;
+            log::info!("IDE {}: CD-ROM {}", Slot::SECONDARY_MASTER, iso.display());
+        }
+        ide.register_ports(w.pio)?;
+        w.pci.add_function(IDE_ADDRESS, ide.pci_function())?;
+        Some(ide)
+    };
+    Ok(Disks { ide })
+}
