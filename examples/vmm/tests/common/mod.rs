@@ -53,6 +53,18 @@ impl TempDir {
         std::fs::create_dir_all(&p).expect("create temp dir");
         TempDir(p)
     }
+    /// A directory under Cargo's per-target scratch directory (a real file system, where
+    /// O_DIRECT works; /tmp may be tmpfs).
+    pub fn in_target(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let p = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("iovirt-vmm-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
     pub fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
@@ -114,5 +126,88 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// KVM and SeaBIOS both present? Returns the firmware path, or prints why the test skips.
+pub fn seabios_ready(test: &str) -> Option<String> {
+    if !kvm_available() {
+        skip(test, "/dev/kvm is missing or not accessible");
+        return None;
+    }
+    match firmware() {
+        Some(fw) => Some(fw.to_string_lossy().into_owned()),
+        None => {
+            skip(
+                test,
+                "no SeaBIOS: apt-get install seabios, or set IOVIRT_GUEST_DIR",
+            );
+            None
+        }
+    }
+}
+
+/// Source of the test boot sector.
+pub fn boot_asm() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bootsector/boot.asm")
+}
+
+/// Assemble the boot sector with `defines` (`-D` arguments without the `-D`) into
+/// `out`; `None` (after a SKIPPED line) when nasm is not installed.
+pub fn assemble(test: &str, defines: &[&str], out: &Path) -> Option<Vec<u8>> {
+    let mut cmd = Command::new("nasm");
+    cmd.arg("-f").arg("bin");
+    for d in defines {
+        cmd.arg(format!("-D{d}"));
+    }
+    cmd.arg("-o").arg(out).arg(boot_asm());
+    match cmd.output() {
+        Ok(o) if o.status.success() => {
+            Some(std::fs::read(out).expect("read assembled boot sector"))
+        }
+        Ok(o) => panic!("nasm failed: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            skip(
+                test,
+                "nasm is missing: apt-get install nasm (scripts/setup.sh installs it)",
+            );
+            None
+        }
+        Err(e) => panic!("cannot run nasm: {e}"),
+    }
+}
+
+/// Word `k` of the test image pattern (the boot sector overwrites sector 0).
+pub fn pattern_word(k: usize) -> u16 {
+    k as u16
+}
+
+/// A disk image of `size` bytes whose 16-bit word k is k mod 65536, with `boot` in sector 0.
+pub fn pattern_image(path: &Path, size: usize, boot: &[u8]) {
+    let mut img = Vec::with_capacity(size);
+    for k in 0..size / 2 {
+        img.extend_from_slice(&pattern_word(k).to_le_bytes());
+    }
+    img[..boot.len()].copy_from_slice(boot);
+    std::fs::write(path, img).expect("write disk image");
+}
+
+/// Run the VMM until it exits (or `timeout`); returns whether it exited 0 and
+/// the debug console log.
+pub fn run_to_exit(args: &[&str], log: &Path, timeout: Duration) -> (bool, String) {
+    let mut vmm = Vmm::spawn(args);
+    let status = loop {
+        if let Some(s) = vmm.child.try_wait().expect("wait for iovirt-vmm") {
+            break Some(s);
+        }
+        if vmm.started.elapsed() > timeout {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+    match status {
+        Some(s) => (s.success(), text),
+        None => panic!("iovirt-vmm did not exit within {timeout:?}; log:\n{text}"),
     }
 }

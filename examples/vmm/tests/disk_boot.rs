@@ -1,0 +1,215 @@
+// Real client: Debian's SeaBIOS serving BIOS int 13h (virtio-blk, ATA, ATAPI/El Torito) to a nasm-built boot sector under iovirt-vmm.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{assemble, pattern_image, pattern_word, run_to_exit, seabios_ready, skip, TempDir};
+
+const IMAGE_SIZE: usize = 4 << 20;
+const TIMEOUT: Duration = Duration::from_secs(90);
+/// Sectors the read-write boot sector writes (the inverted pattern).
+const WRITTEN: std::ops::Range<usize> = 16..24;
+
+/// Boot `disk_opts` (appended to `path=IMAGE,`) with the boot sector variant
+/// `defines`; returns the debug log and the image afterwards.
+fn boot_disk(test: &str, defines: &[&str], disk_opts: &str) -> Option<(String, Vec<u8>, Vec<u8>)> {
+    let fw = seabios_ready(test)?;
+    let dir = TempDir::in_target(test);
+    let boot = assemble(test, defines, &dir.path("boot.bin"))?;
+    let img = dir.path("disk.img");
+    pattern_image(&img, IMAGE_SIZE, &boot);
+    let log = dir.path("debugcon.log");
+    let disk = format!("path={},{disk_opts}", img.display());
+    let debugcon = format!("file={}", log.display());
+    let started = std::time::Instant::now();
+    let (ok, text) = run_to_exit(
+        &[
+            "--firmware",
+            &fw,
+            "--serial",
+            "null",
+            "--debugcon",
+            &debugcon,
+            "--disk",
+            &disk,
+        ],
+        &log,
+        TIMEOUT,
+    );
+    eprintln!(
+        "{test}: guest done in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(ok, "iovirt-vmm did not exit 0; log:\n{text}");
+    Some((text, std::fs::read(&img).expect("read image"), boot))
+}
+
+/// Check every word of the image: the boot sector in sector 0, the inverted
+/// pattern in `inverted` sectors, the pattern elsewhere.
+fn check_image(img: &[u8], boot: &[u8], inverted: std::ops::Range<usize>) {
+    assert_eq!(&img[..512], boot);
+    for (i, w) in img.chunks_exact(2).enumerate().skip(256) {
+        let got = u16::from_le_bytes([w[0], w[1]]);
+        let want = if inverted.contains(&(i / 256)) {
+            !pattern_word(i)
+        } else {
+            pattern_word(i)
+        };
+        assert_eq!(got, want, "word {i} (sector {})", i / 256);
+    }
+}
+
+fn check_log(log: &str, found: &str, booting: &str) {
+    assert!(log.contains(found), "no {found:?} in log:\n{log}");
+    assert!(log.contains(booting), "no {booting:?} in log:\n{log}");
+    assert!(log.contains("BOOT-OK"), "no BOOT-OK in log:\n{log}");
+    assert!(!log.contains("BOOT-FAIL"), "{log}");
+}
+
+#[test]
+fn virtio_blk_cache_none_int13_read_write() {
+    let Some((log, img, boot)) = boot_disk("virtio_none", &[], "cache=none") else {
+        return;
+    };
+    check_log(
+        &log,
+        "found virtio-blk at 00:04.0",
+        "Booting from Hard Disk",
+    );
+    check_image(&img, &boot, WRITTEN);
+}
+
+#[test]
+fn virtio_blk_cache_writeback_int13_read_write() {
+    let Some((log, img, boot)) = boot_disk(
+        "virtio_writeback",
+        &[],
+        "cache=writeback,serial=iovirt-test",
+    ) else {
+        return;
+    };
+    check_log(
+        &log,
+        "found virtio-blk at 00:04.0",
+        "Booting from Hard Disk",
+    );
+    check_image(&img, &boot, WRITTEN);
+}
+
+#[test]
+fn ide_disk_int13_read_write() {
+    let Some((log, img, boot)) = boot_disk("ide_rw", &[], "interface=ide,cache=writeback") else {
+        return;
+    };
+    check_log(&log, "ata0-0:", "Booting from Hard Disk");
+    check_image(&img, &boot, WRITTEN);
+}
+
+#[test]
+fn read_only_disks_refuse_int13_writes() {
+    // The READONLY variant checks the carry flag of the write and reads the sectors back.
+    for (name, opts, found) in [
+        (
+            "virtio_ro",
+            "readonly=on,cache=writeback",
+            "found virtio-blk at 00:04.0",
+        ),
+        ("ide_ro", "readonly=on,interface=ide", "ata0-0:"),
+    ] {
+        let Some((log, img, boot)) = boot_disk(name, &["READONLY"], opts) else {
+            return;
+        };
+        check_log(&log, found, "Booting from Hard Disk");
+        check_image(&img, &boot, 0..0);
+    }
+}
+
+/// Build an El Torito ISO (no emulation, 4 load sectors) with `boot` and a data
+/// file holding words 0, 1, 2, ...; patch the data file's LBA into the boot image.
+fn build_iso(dir: &TempDir, boot: &[u8]) -> Result<std::path::PathBuf, String> {
+    let root = dir.path("iso");
+    std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+    let mut boot_img = boot.to_vec();
+    boot_img.resize(2048, 0);
+    std::fs::write(root.join("boot.img"), &boot_img).map_err(|e| e.to_string())?;
+    let data: Vec<u8> = (0..4096u16).flat_map(|k| k.to_le_bytes()).collect();
+    std::fs::write(root.join("data.bin"), &data).map_err(|e| e.to_string())?;
+    let iso = dir.path("cd.iso");
+    let args = |cmd: &mut Command| {
+        cmd.args(["-quiet", "-o"])
+            .arg(&iso)
+            .args(["-b", "boot.img", "-no-emul-boot", "-boot-load-size", "4"])
+            .arg(&root);
+    };
+    let mut xorriso = Command::new("xorriso");
+    xorriso.args(["-as", "mkisofs"]);
+    args(&mut xorriso);
+    let out = match xorriso.output() {
+        Ok(o) => o,
+        Err(_) => {
+            let mut geniso = Command::new("genisoimage");
+            args(&mut geniso);
+            geniso
+                .output()
+                .map_err(|_| "neither xorriso nor genisoimage is installed".to_string())?
+        }
+    };
+    if !out.status.success() {
+        return Err(format!(
+            "ISO build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let mut bytes = std::fs::read(&iso).map_err(|e| e.to_string())?;
+    let find = |needle: &[u8]| {
+        (0..bytes.len() / 2048)
+            .map(|b| b * 2048)
+            .find(|&o| bytes[o..].starts_with(needle))
+    };
+    let boot_at = find(&boot_img).ok_or("boot image not found in the ISO")?;
+    let data_at = find(&data).ok_or("data file not found in the ISO")?;
+    let lba = u32::try_from(data_at / 2048).map_err(|e| e.to_string())?;
+    bytes[boot_at + 0x1f0..boot_at + 0x1f4].copy_from_slice(&lba.to_le_bytes());
+    bytes[boot_at + 0x1f4..boot_at + 0x1f6].copy_from_slice(&0u16.to_le_bytes());
+    std::fs::write(&iso, bytes).map_err(|e| e.to_string())?;
+    Ok(iso)
+}
+
+#[test]
+fn cdrom_el_torito_boot_reads_through_atapi() {
+    let test = "cdrom_el_torito";
+    let Some(fw) = seabios_ready(test) else {
+        return;
+    };
+    let dir = TempDir::in_target(test);
+    let Some(boot) = assemble(test, &["CDROM"], &dir.path("boot.bin")) else {
+        return;
+    };
+    let iso = match build_iso(&dir, &boot) {
+        Ok(p) => p,
+        Err(e) if e.contains("installed") => return skip(test, &e),
+        Err(e) => panic!("{e}"),
+    };
+    let before = std::fs::read(&iso).unwrap();
+    let log = dir.path("debugcon.log");
+    let (ok, text) = run_to_exit(
+        &[
+            "--firmware",
+            &fw,
+            "--serial",
+            "null",
+            "--debugcon",
+            &format!("file={}", log.display()),
+            "--cdrom",
+            &iso.to_string_lossy(),
+        ],
+        &log,
+        TIMEOUT,
+    );
+    assert!(ok, "iovirt-vmm did not exit 0; log:\n{text}");
+    check_log(&text, "DVD/CD [ata1-0:", "Booting from DVD/CD");
+    assert_eq!(std::fs::read(Path::new(&iso)).unwrap(), before);
+}
