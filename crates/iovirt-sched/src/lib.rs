@@ -1,0 +1,11 @@
+//! # iovirt-sched: whose I/O goes next
+#![deny(missing_docs)]
+
+mod dmclock;
+mod error;
+mod heap;
+mod mclock;
+
+pub use dmclock::{ReqParams, ServiceTracker};
+pub use error::SchedError;
+pub use mclock::{ClientId, ClientParams, CostModel, Dispatched, MClock, Phase};
