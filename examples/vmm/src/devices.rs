@@ -205,7 +205,7 @@ pub fn wire(
 
     // Debug console: SeaBIOS's log.
     if let Some(path) = info.debugcon {
-        let con = DebugCon::new(create("debugcon", path)?);
+        let con = DebugCon::new(crate::stats::MarkWriter::new(create("debugcon", path)?));
         pio.insert(
             "debugcon",
             DEBUGCON_PORT,

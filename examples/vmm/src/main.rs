@@ -137,6 +137,9 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
     let pio = Arc::new(Bus::new(AddressSpace::Pio));
     let mmio = Arc::new(Bus::new(AddressSpace::Mmio));
     let exit = ExitHandle::new();
+    if cfg.trap_stats.is_some() {
+        stats::enable_marks(&pio, &mmio);
+    }
     let devices = devices::wire(
         &vm.fd,
         &pio,

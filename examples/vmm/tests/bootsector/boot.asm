@@ -17,6 +17,8 @@
 ;   BENCH      ITER reads of SECTORS sectors at LBA 1, then reset: through int 13h,
 ;              or with DMA through a tiny driver that programs the PIIX IDE bus
 ;              master itself (READ DMA, one PRD entry, waits for IRQ 14 with hlt).
+;              The loop is framed by "TRAP-MARK start" / "TRAP-MARK end" lines,
+;              which make iovirt-vmm --trap-stats snapshot its counters.
 
 bits 16
 org 0x7c00
@@ -62,9 +64,11 @@ start:
   %ifdef DMA
     call dma_setup
   %endif
+    mov si, msg_mark_start
+    call print
     mov cx, ITER
 .loop:
-    jcxz ok
+    jcxz .end
     push cx
   %ifdef DMA
     call dma_read
@@ -79,6 +83,10 @@ start:
     pop cx
     dec cx
     jmp .loop
+.end:
+    mov si, msg_mark_end
+    call print
+    jmp ok
 %else
     ; Read and check the pattern.
     mov word [dap.count], RD_COUNT
@@ -320,6 +328,10 @@ dma_read:
 msg_hello db "iovirt boot sector", 10, 0
 msg_ok    db "BOOT-OK", 10, 0
 msg_fail  db "BOOT-FAIL ", 0
+%ifdef BENCH
+msg_mark_start db "TRAP-MARK start", 10, 0
+msg_mark_end   db "TRAP-MARK end", 10, 0
+%endif
 
 dap:      db 0x10, 0
 .count:   dw 0
