@@ -349,3 +349,44 @@ impl InterruptLine for PirqLine {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_routes_match_kvm() {
+        let r = default_routes();
+        assert_eq!(r.len(), 24 + 16);
+        assert!(r.iter().all(|e| e.type_ == KVM_IRQ_ROUTING_IRQCHIP));
+    }
+
+    /// With KVM present: the first use of a message makes a GSI route and an
+    /// irqfd, the second reuses it; a second message gets the next GSI.
+    #[test]
+    fn msi_messages_get_irqfd_routes() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("SKIPPED msi_messages_get_irqfd_routes: no /dev/kvm");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().expect("create VM"));
+        vm.create_irq_chip().expect("irqchip");
+        let router = KvmMsiRouter::new(vm, true);
+        let m1 = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x41,
+        };
+        let m2 = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x42,
+        };
+        router.send(m1).expect("first send");
+        router.send(m1).expect("second send");
+        router.send(m2).expect("other message");
+        let inner = router.inner.lock().unwrap();
+        assert!(inner.fallback.is_none(), "{:?}", inner.fallback);
+        assert_eq!(inner.irqfds.len(), 2);
+        assert_eq!(inner.next_gsi, FIRST_MSI_GSI + 2);
+        assert_eq!(inner.routes.len(), 24 + 16 + 2);
+    }
+}

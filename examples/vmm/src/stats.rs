@@ -172,7 +172,9 @@ impl<W: Write + Send> MarkWriter<W> {
         let Some(label) = line.strip_prefix(MARK_PREFIX).filter(|_| !too_long) else {
             return;
         };
-        let Some((pio, mmio)) = BUSES.get().and_then(|(p, m)| Some((p.upgrade()?, m.upgrade()?)))
+        let Some((pio, mmio)) = BUSES
+            .get()
+            .and_then(|(p, m)| Some((p.upgrade()?, m.upgrade()?)))
         else {
             return;
         };
