@@ -5,7 +5,10 @@ mod dmclock;
 mod error;
 mod heap;
 mod mclock;
+mod parda;
+pub mod sim;
 
 pub use dmclock::{ReqParams, ServiceTracker};
 pub use error::SchedError;
 pub use mclock::{ClientId, ClientParams, CostModel, Dispatched, MClock, Phase};
+pub use parda::{beta_for_shares, Parda, PardaConfig};

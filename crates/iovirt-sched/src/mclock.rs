@@ -214,6 +214,9 @@ struct Client<T> {
     last_p: i128,
     /// Sum of the reservation spacing given back by weight-phase dispatches.
     r_shift: i64,
+    /// Added to every stored P tag: raised when the client comes back from
+    /// its limit, so a capped client banks no share (see `MClock::promote`).
+    p_boost: i128,
     removed: bool,
 }
 
@@ -237,6 +240,7 @@ impl<T> Client<T> {
             last_l: NEVER_R,
             last_p: NEVER_P,
             r_shift: 0,
+            p_boost: 0,
             removed: false,
         };
         c.set_rates(params);
@@ -281,7 +285,7 @@ impl<T> Client<T> {
             .saturating_add(ns((cost + req.delta) * self.l_inv))
             .max(now);
         let p_inc = ((cost + req.delta) * self.p_inv).ceil() as i128;
-        let p = (self.last_p + p_inc).max(now as i128 + p_offset);
+        let p = (self.last_p + self.p_boost + p_inc).max(now as i128 + p_offset) - self.p_boost;
         self.last_r = r;
         self.last_l = l;
         self.last_p = p;
@@ -480,8 +484,16 @@ impl<T> MClock<T> {
                 break;
             }
             self.limited.remove(id);
-            let p = self.clients[id as usize].queue.front().map(|q| q.p);
-            if let Some(p) = p {
+            let floor = self.ready.peek().map(|(p, _)| p);
+            let c = &mut self.clients[id as usize];
+            if let Some(head) = c.queue.front() {
+                // Held back by its limit, the client's P tags fell behind:
+                // lift them to the smallest ready P tag so it banks no share.
+                let mut p = head.p + c.p_boost;
+                if let Some(floor) = floor.filter(|&f| f > p) {
+                    c.p_boost += floor - p;
+                    p = floor;
+                }
                 self.ready.set(id, p);
             }
         }
@@ -504,7 +516,7 @@ impl<T> MClock<T> {
                 }
                 if head.l <= now {
                     self.limited.remove(id);
-                    self.ready.set(id, head.p);
+                    self.ready.set(id, head.p + c.p_boost);
                 } else {
                     self.ready.remove(id);
                     self.limited.set(id, head.l);
