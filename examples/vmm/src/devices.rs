@@ -256,6 +256,11 @@ pub fn wire(
     // PCI: i440FX host bridge at 00:00.0, PIIX3 ISA bridge at 00:01.0.
     let pci = Arc::new(PciRoot::new(pio.clone(), mmio.clone()));
     pci.register()?;
+    // The PIIX reset control register (0xCF9, Linux `reboot=pci`) ends the run like the i8042's.
+    let reset_exit = exit.clone();
+    pci.set_reset_handler(Arc::new(move || {
+        reset_exit.request(ExitReason::Reset("PIIX reset control (port 0xCF9)".into()))
+    }));
     pci.add_function(I440FX_ADDRESS, I440fx::with_observer(Arc::new(PamLog)))?;
     let piix3 = pci.add_function(PIIX3_ADDRESS, Piix3::new())?;
 

@@ -59,3 +59,18 @@ fn i8042_reset_exits_zero_and_stops_every_vcpu() {
     // The application processors sit in KVM_RUN waiting for SIPI: they must be kicked out.
     exits_cleanly(&fw, "4");
 }
+
+#[test]
+fn piix_reset_control_exits_zero() {
+    if !kvm_available() {
+        return skip("piix_reset", "/dev/kvm is missing or not accessible");
+    }
+    let dir = TempDir::new("cf9-reset");
+    // mov dx, 0xcf9; mov al, 0x06; out dx, al; hlt; jmp $-1  (Linux reboot=pci's last write)
+    let fw = stub_firmware(
+        &dir,
+        "fw.bin",
+        &[0xba, 0xf9, 0x0c, 0xb0, 0x06, 0xee, 0xf4, 0xeb, 0xfd],
+    );
+    exits_cleanly(&fw, "1");
+}
