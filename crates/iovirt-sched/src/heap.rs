@@ -26,6 +26,7 @@ impl<K: Ord + Copy> KeyedHeap<K> {
         self.heap.len()
     }
 
+    #[cfg(test)]
     pub(crate) fn contains(&self, id: u32) -> bool {
         self.pos.get(id as usize).is_some_and(|&p| p != ABSENT)
     }

@@ -7,8 +7,14 @@ mod heap;
 mod mclock;
 mod parda;
 pub mod sim;
+mod stage;
+mod stats;
 
 pub use dmclock::{ReqParams, ServiceTracker};
 pub use error::SchedError;
 pub use mclock::{ClientId, ClientParams, CostModel, Dispatched, MClock, Phase};
 pub use parda::{beta_for_shares, Parda, PardaConfig};
+pub use stage::{
+    Clock, ManualClock, MonotonicClock, SchedStage, SharedScheduler, StageConfig, TimerHandle,
+};
+pub use stats::{ClientStats, LatencyHistogram};

@@ -432,6 +432,24 @@ impl<T> MClock<T> {
         self.enqueue_with(client, item, cost, ReqParams::default(), now)
     }
 
+    /// Like [`MClock::enqueue`], but hands the item back instead of dropping
+    /// it when the client is unknown or the cost invalid (for items whose
+    /// drop has side effects, such as completions).
+    pub fn enqueue_returning(
+        &mut self,
+        client: ClientId,
+        item: T,
+        cost: f64,
+        now: u64,
+    ) -> Result<(), T> {
+        if self.client(client).is_err() || !(cost.is_finite() && cost > 0.0) {
+            return Err(item);
+        }
+        // Checked above: this cannot fail.
+        let _ = self.enqueue(client, item, cost, now);
+        Ok(())
+    }
+
     /// Queue `item` with the dmClock `delta` and `rho` its client sent
     /// (see [`crate::ServiceTracker`]); with zeros this is plain mClock.
     pub fn enqueue_with(
