@@ -1,1 +1,648 @@
-//! Declarative filter stacks (being written).
+//! Declarative filter stacks: one description, shared by `iovirt-vmm --disk`
+//! and the vhost-user-blk daemon, of which back-end sits under which filters.
+//!
+//! A stack is a small TOML file with one top-level table, named after the disk;
+//! each node is a table with either `backend = "..."` (a leaf) or
+//! `filter = "..."` and its child in `[<node>.child]` (filters with several
+//! children list them as `[[<node>.children]]`). Relative paths are relative to
+//! the description's directory. The full reference, with examples, is
+//! `docs/FILTERS.md`.
+//!
+//! ```toml
+//! [disk]                 # the top node: what the guest sees
+//! filter = "crypt"
+//! key-file = "disk.key"
+//!
+//! [disk.child]
+//! filter = "fault"
+//! fail = [{ op = "write", offset = "1M..2M", count = 3 }]
+//!
+//! [disk.child.child]
+//! backend = "file"
+//! path = "disk.img"
+//! cache = "none"
+//! ```
+//!
+//! [`StackSpec::from_file`] (or [`StackSpec::from_toml_str`]) parses a
+//! description into a typed [`StackSpec`], rejecting unknown options and
+//! malformed values; [`StackSpec::validate`] checks it against the host
+//! (missing files, size mismatches) before anything is opened; and
+//! [`StackSpec::build`] opens everything or nothing: on any error, whatever
+//! was opened is dropped again and a [`StackError`] names the node, as in
+//! `disk.child.child: file "x.img" does not exist`. Cycles cannot occur: a
+//! TOML tree has no references, and two nodes opening the same file is an error.
+//!
+//! ```
+//! use iovirt_backend::{submit_wait, BlockBackend, IoBuffers, Request};
+//! use iovirt_filter::fault::Op;
+//! use iovirt_filter::stack::StackSpec;
+//!
+//! let dir = tempfile::tempdir()?;
+//! std::fs::File::create(dir.path().join("disk.img"))?.set_len(4 << 20)?;
+//! let toml = r#"
+//!     [vda]
+//!     filter = "fault"
+//!     fail = [{ op = "write", offset = "1M..2M", count = 1 }]
+//!     [vda.child]
+//!     backend = "file"
+//!     path = "disk.img"
+//!     cache = "writeback"
+//! "#;
+//! std::fs::write(dir.path().join("vda.toml"), toml)?;
+//!
+//! let spec = StackSpec::from_file(dir.path().join("vda.toml"))?;
+//! let stack = spec.build_stack()?; // validates, then opens every node
+//! assert_eq!(stack.backend.info().capacity, 4 << 20);
+//! let write = |offset| Request::Write { offset, buf: IoBuffers::from_vec(vec![7; 4096]), fua: false };
+//! assert!(submit_wait(&stack.backend, write(1 << 20)).is_err()); // the injected fault
+//! submit_wait(&stack.backend, write(1 << 20))?;                 // count = 1: only once
+//! assert_eq!(stack.fault("vda").unwrap().stats().op(Op::Write).injected, 1);
+//!
+//! // A mistake is one clear line naming the node.
+//! let err = StackSpec::from_toml_str("[vda]\nbackend = \"file\"\npath = \"nope.img\"\n")?
+//!     .validate()
+//!     .unwrap_err();
+//! assert_eq!(err.to_string(), r#"vda: file "nope.img" does not exist"#);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod parse;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use iovirt_backend::{
+    open_image, AsyncEngine, BlockBackend, CacheMode, Inline, MemoryBackend, NullBackend,
+    OpenError, RawFileOptions, CD_SECTOR_SIZE,
+};
+
+use crate::crypt::{CryptError, CryptOptions};
+use crate::fault::{FaultFilter, FaultHandle, FaultOptions, Rule};
+
+pub use parse::{parse_range, parse_size};
+
+/// Why a stack description could not be read, validated or built. Each
+/// message is one line and names the node (`disk.child.child: ...`).
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    /// The description file could not be read.
+    #[error("{}: cannot read the stack description: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the host said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML.
+    #[error("stack description, line {line}, column {column}: {message}")]
+    Syntax {
+        /// 1-based line (0 if unknown).
+        line: usize,
+        /// 1-based column (0 if unknown).
+        column: usize,
+        /// What the TOML parser said.
+        message: String,
+    },
+    /// The document is not one top-level table.
+    #[error("stack description: {0}")]
+    Shape(String),
+    /// A node names neither a back-end nor a filter, or both, or both `child` and `children`.
+    #[error("{node}: {reason}")]
+    NodeKind {
+        /// The node.
+        node: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A node names a back-end or filter that does not exist.
+    #[error("{node}: unknown {what} {name:?} (expected {expected})")]
+    UnknownKind {
+        /// The node.
+        node: String,
+        /// "back-end" or "filter".
+        what: &'static str,
+        /// The name given.
+        name: String,
+        /// The names there are.
+        expected: &'static str,
+    },
+    /// A node has an option its kind does not take.
+    #[error("{node}: unknown option {key:?} for {kind} (expected {expected})")]
+    UnknownOption {
+        /// The node.
+        node: String,
+        /// The option given.
+        key: String,
+        /// The node's kind.
+        kind: String,
+        /// The options the kind takes.
+        expected: String,
+    },
+    /// A required option is missing.
+    #[error("{node}: missing {key}")]
+    MissingOption {
+        /// The node.
+        node: String,
+        /// The option (or choice of options) needed.
+        key: &'static str,
+    },
+    /// An option's value is malformed.
+    #[error("{node}: {key}: {reason}")]
+    BadValue {
+        /// The node.
+        node: String,
+        /// The option.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A filter has the wrong number of children.
+    #[error("{node}: filter {filter:?} takes {expected} child node(s), found {found}")]
+    Children {
+        /// The node.
+        node: String,
+        /// The filter.
+        filter: &'static str,
+        /// How many it takes.
+        expected: String,
+        /// How many there are.
+        found: usize,
+    },
+    /// A file named by a node does not exist.
+    #[error("{node}: file {path:?} does not exist")]
+    FileMissing {
+        /// The node.
+        node: String,
+        /// The path, as resolved.
+        path: PathBuf,
+    },
+    /// A path names a directory, socket or similar, or cannot be examined.
+    #[error("{node}: {path:?} is not usable as a disk: {reason}")]
+    NotADisk {
+        /// The node.
+        node: String,
+        /// The path, as resolved.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Sizes do not fit: a file of another size than stated, children of
+    /// different sizes under a filter that needs equal ones, a fault rule
+    /// beyond the disk, a size that is zero or not whole sectors.
+    #[error("{node}: size mismatch: {detail}")]
+    SizeMismatch {
+        /// The node.
+        node: String,
+        /// What does not fit.
+        detail: String,
+    },
+    /// Two nodes would open the same file (a loop in the stack, or a disk written twice).
+    #[error("{node}: file {path:?} is already used by {other}")]
+    SharedFile {
+        /// The later node.
+        node: String,
+        /// The file.
+        path: PathBuf,
+        /// The node that uses it first.
+        other: String,
+    },
+    /// A back-end could not be opened.
+    #[error("{node}: {source}")]
+    Open {
+        /// The node.
+        node: String,
+        /// What the back-end said.
+        #[source]
+        source: OpenError,
+    },
+    /// The encryption filter could not unlock its volume (wrong passphrase or key file, not LUKS, ...).
+    #[error("{node}: cannot unlock the encrypted volume: {source}")]
+    Crypt {
+        /// The node.
+        node: String,
+        /// What the encryption filter said.
+        #[source]
+        source: CryptError,
+    },
+}
+
+/// A parsed stack description: the disk's name and its top node.
+#[derive(Clone, Debug)]
+pub struct StackSpec {
+    /// The name of the top-level table (`disk` for `[disk]`); node paths start with it.
+    pub name: String,
+    /// The top node: what the guest sees.
+    pub root: NodeSpec,
+}
+
+/// One node of a stack.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    /// Where the node is in the description (`disk.child.child`, `disk.children[1]`).
+    pub path: String,
+    /// What it is.
+    pub kind: NodeKind,
+}
+
+/// A back-end (a leaf) or a filter over child nodes.
+#[derive(Clone, Debug)]
+pub enum NodeKind {
+    /// A leaf: where the data is.
+    Backend(BackendSpec),
+    /// A filter and its children, in order.
+    Filter {
+        /// Which filter, with its options.
+        filter: FilterSpec,
+        /// The nodes it wraps.
+        children: Vec<NodeSpec>,
+    },
+}
+
+/// The back-ends a stack can end in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendSpec {
+    /// `backend = "file"`: a raw image file or block device.
+    File {
+        /// `path`: the file.
+        path: PathBuf,
+        /// `cache`: none (default), writethrough, writeback or unsafe.
+        cache: CacheMode,
+        /// `readonly`: open read-only (default false).
+        read_only: bool,
+        /// `engine`: auto (default), io_uring or threads.
+        engine: AsyncEngine,
+        /// `size`: if given, the file must be exactly this many bytes.
+        size: Option<u64>,
+    },
+    /// `backend = "memory"`: a zero-filled disk in host memory.
+    Memory {
+        /// `size`: capacity in bytes (required).
+        size: u64,
+    },
+    /// `backend = "null"`: stores nothing (benchmarks).
+    Null {
+        /// `size`: capacity in bytes (default 1G).
+        size: u64,
+        /// `zero-reads`: reads return zeroes (default false: buffers are left as they are).
+        zero_reads: bool,
+    },
+    /// `backend = "image"`: a read-only disc image (ISO) with 2048-byte sectors.
+    Image {
+        /// `path`: the image.
+        path: PathBuf,
+    },
+}
+
+/// The filters a stack can use.
+#[derive(Clone, Debug)]
+pub enum FilterSpec {
+    /// `filter = "fault"`: [`crate::fault::FaultFilter`] with its rules.
+    Fault {
+        /// `seed`, `track-writes`.
+        options: FaultOptions,
+        /// `fail`, `stall`, `slow`, `tear` and `rate-limit` rules, in that order.
+        rules: Vec<Rule>,
+    },
+    /// `filter = "crypt"`: LUKS encryption through [`crate::crypt::open_luks`]
+    /// (`passphrase` or `key-file`).
+    Crypt(CryptOptions),
+}
+
+impl FilterSpec {
+    /// The name in descriptions.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FilterSpec::Fault { .. } => "fault",
+            FilterSpec::Crypt(_) => "crypt",
+        }
+    }
+
+    /// How many children the filter takes (least, most).
+    pub fn children(&self) -> (usize, usize) {
+        match self {
+            FilterSpec::Fault { .. } | FilterSpec::Crypt(_) => (1, 1),
+        }
+    }
+
+    /// Whether all children must have the same capacity (mirrors, stripes).
+    pub fn needs_equal_children(&self) -> bool {
+        false
+    }
+}
+
+/// A built stack: the top back-end, and the control handles of its fault filters.
+pub struct Stack {
+    /// What the guest's device submits to.
+    pub backend: Arc<dyn BlockBackend>,
+    faults: Vec<(String, FaultHandle)>,
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack")
+            .field("info", &self.backend.info())
+            .field(
+                "faults",
+                &self.faults.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Stack {
+    /// The control handle of the fault filter at node `path` (`disk.child`).
+    pub fn fault(&self, path: &str) -> Option<&FaultHandle> {
+        self.faults.iter().find(|(p, _)| p == path).map(|(_, h)| h)
+    }
+
+    /// Every fault filter's node path and handle, top first.
+    pub fn faults(&self) -> impl Iterator<Item = (&str, &FaultHandle)> {
+        self.faults.iter().map(|(p, h)| (p.as_str(), h))
+    }
+}
+
+/// Parse, validate and open the stack described in `path`: the one call a
+/// VMM or daemon makes for `--disk stack=FILE`.
+pub fn open_stack_file(path: impl AsRef<Path>) -> Result<Arc<dyn BlockBackend>, StackError> {
+    StackSpec::from_file(path)?.build()
+}
+
+impl StackSpec {
+    /// Parse a description; relative paths stay relative to the current directory.
+    pub fn from_toml_str(text: &str) -> Result<Self, StackError> {
+        parse::parse_document(text, None)
+    }
+
+    /// Parse a description whose relative paths are relative to `base`.
+    pub fn from_toml_str_in(text: &str, base: &Path) -> Result<Self, StackError> {
+        parse::parse_document(text, Some(base))
+    }
+
+    /// Read and parse the description in `path`; relative paths in it are
+    /// relative to its directory.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, StackError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| StackError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        parse::parse_document(&text, Some(base))
+    }
+
+    /// Check the stack against the host before opening anything: files exist
+    /// and are disks, stated sizes match, sizes are whole sectors, children of
+    /// filters that need equal sizes have them, fault rules lie within their
+    /// disk, key files exist, and no file is used twice. Whether a key opens
+    /// the volume is only known when [`StackSpec::build`] opens it.
+    pub fn validate(&self) -> Result<(), StackError> {
+        let mut files = HashMap::new();
+        validate_node(&self.root, &mut files).map(|_| ())
+    }
+
+    /// Validate, then open every node, bottom up. All or nothing: on an error
+    /// everything opened so far is dropped before it returns.
+    pub fn build(&self) -> Result<Arc<dyn BlockBackend>, StackError> {
+        Ok(self.build_stack()?.backend)
+    }
+
+    /// [`StackSpec::build`], keeping the fault filters' control handles.
+    pub fn build_stack(&self) -> Result<Stack, StackError> {
+        self.validate()?;
+        let mut faults = Vec::new();
+        let backend = build_node(&self.root, &mut faults)?;
+        faults.reverse();
+        Ok(Stack { backend, faults })
+    }
+}
+
+/// What validation knows of a node's capacity (`None` where only opening tells).
+fn validate_node(
+    node: &NodeSpec,
+    files: &mut HashMap<PathBuf, String>,
+) -> Result<Option<u64>, StackError> {
+    let size_err = |detail: String| StackError::SizeMismatch {
+        node: node.path.clone(),
+        detail,
+    };
+    match &node.kind {
+        NodeKind::Backend(b) => match b {
+            BackendSpec::File { path, size, .. } => {
+                let meta = check_file(&node.path, path, files)?;
+                if meta.file_type().is_file() {
+                    if let Some(want) = size {
+                        if meta.len() != *want {
+                            return Err(size_err(format!(
+                                "file {path:?} is {} bytes, the description says {want}",
+                                meta.len()
+                            )));
+                        }
+                    }
+                    Ok(Some(meta.len() / 512 * 512))
+                } else {
+                    Ok(*size)
+                }
+            }
+            BackendSpec::Image { path } => {
+                let meta = check_file(&node.path, path, files)?;
+                let cd = u64::from(CD_SECTOR_SIZE);
+                Ok(meta.file_type().is_file().then(|| meta.len() / cd * cd))
+            }
+            BackendSpec::Memory { size } | BackendSpec::Null { size, .. } => {
+                if *size == 0 || size % 512 != 0 {
+                    return Err(size_err(format!(
+                        "size {size} is not a positive multiple of 512 bytes"
+                    )));
+                }
+                if matches!(b, BackendSpec::Memory { .. }) && *size > isize::MAX as u64 {
+                    return Err(size_err(format!("size {size} does not fit in memory")));
+                }
+                Ok(Some(*size))
+            }
+        },
+        NodeKind::Filter { filter, children } => {
+            let mut sizes = Vec::with_capacity(children.len());
+            for c in children {
+                sizes.push((c, validate_node(c, files)?));
+            }
+            if filter.needs_equal_children() {
+                let known: Vec<_> = sizes
+                    .iter()
+                    .filter_map(|(c, s)| s.map(|s| (c, s)))
+                    .collect();
+                if let Some(((c0, s0), rest)) = known.split_first().map(|(a, r)| (*a, r)) {
+                    if let Some((c, s)) = rest.iter().find(|(_, s)| *s != s0) {
+                        return Err(size_err(format!(
+                            "{} has {s} bytes but {} has {s0}; {} needs equal sizes",
+                            c.path,
+                            c0.path,
+                            filter.name()
+                        )));
+                    }
+                }
+            }
+            let child_size = sizes.first().and_then(|(_, s)| *s);
+            match filter {
+                FilterSpec::Fault { rules, .. } => {
+                    if let Some(cap) = child_size {
+                        for r in rules {
+                            if let Some(Range { start, .. }) = &r.selector.range {
+                                if *start >= cap {
+                                    return Err(size_err(format!(
+                                        "a {} rule starts at byte {start}, beyond the {cap} bytes of {}",
+                                        action_name(r),
+                                        sizes[0].0.path
+                                    )));
+                                }
+                            }
+                        }
+                    }
+                    Ok(child_size)
+                }
+                FilterSpec::Crypt(opts) => {
+                    if let Some(kf) = &opts.key_file {
+                        if !kf.exists() {
+                            return Err(StackError::FileMissing {
+                                node: node.path.clone(),
+                                path: kf.clone(),
+                            });
+                        }
+                    }
+                    // The payload size is in the LUKS header: only opening tells.
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+fn action_name(r: &Rule) -> &'static str {
+    use crate::fault::Action;
+    match r.action {
+        Action::Fail(_) => "fail",
+        Action::Stall(_) => "stall",
+        Action::Slow(_) => "slow",
+        Action::Tear { .. } => "tear",
+        Action::RateLimit { .. } => "rate-limit",
+    }
+}
+
+fn check_file(
+    node: &str,
+    path: &Path,
+    files: &mut HashMap<PathBuf, String>,
+) -> Result<std::fs::Metadata, StackError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StackError::FileMissing {
+                node: node.to_string(),
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => {
+            return Err(StackError::NotADisk {
+                node: node.to_string(),
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+        }
+    };
+    use std::os::unix::fs::FileTypeExt;
+    let ft = meta.file_type();
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(StackError::NotADisk {
+            node: node.to_string(),
+            path: path.to_path_buf(),
+            reason: "neither a regular file nor a block device".into(),
+        });
+    }
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if let Some(other) = files.get(&key) {
+        return Err(StackError::SharedFile {
+            node: node.to_string(),
+            path: path.to_path_buf(),
+            other: other.clone(),
+        });
+    }
+    files.insert(key, node.to_string());
+    Ok(meta)
+}
+
+/// Open `node` and everything under it; what was opened is dropped on error.
+fn build_node(
+    node: &NodeSpec,
+    faults: &mut Vec<(String, FaultHandle)>,
+) -> Result<Arc<dyn BlockBackend>, StackError> {
+    let open_err = |source| StackError::Open {
+        node: node.path.clone(),
+        source,
+    };
+    match &node.kind {
+        NodeKind::Backend(b) => Ok(match b {
+            BackendSpec::File {
+                path,
+                cache,
+                read_only,
+                engine,
+                ..
+            } => RawFileOptions::new(*cache)
+                .read_only(*read_only)
+                .open_async(path, *engine)
+                .map_err(open_err)?,
+            BackendSpec::Image { path } => {
+                let raw = open_image(path).map_err(open_err)?;
+                let pool =
+                    iovirt_backend::ThreadPool::new(raw, 2, "iovirt-image").map_err(|e| {
+                        open_err(OpenError::Engine {
+                            engine: "thread-pool",
+                            source: e,
+                        })
+                    })?;
+                Arc::new(pool)
+            }
+            BackendSpec::Memory { size } => Arc::new(Inline(MemoryBackend::new(*size))),
+            BackendSpec::Null { size, zero_reads } => {
+                Arc::new(Inline(NullBackend::new(*size, *zero_reads)))
+            }
+        }),
+        NodeKind::Filter { filter, children } => {
+            let mut opened = Vec::with_capacity(children.len());
+            let mut own_faults = Vec::new();
+            for c in children {
+                opened.push(build_node(c, &mut own_faults)?);
+            }
+            let mut opened = opened.into_iter();
+            let Some(child) = opened.next() else {
+                return Err(StackError::Children {
+                    node: node.path.clone(),
+                    filter: filter.name(),
+                    expected: "1".into(),
+                    found: 0,
+                });
+            };
+            let backend: Arc<dyn BlockBackend> = match filter {
+                FilterSpec::Fault { options, rules } => {
+                    let f = FaultFilter::with_options(child, *options);
+                    let h = f.handle();
+                    for r in rules {
+                        h.add_rule(r.clone());
+                    }
+                    own_faults.push((node.path.clone(), h));
+                    Arc::new(f)
+                }
+                FilterSpec::Crypt(opts) => {
+                    crate::crypt::open_luks(child, opts).map_err(|source| StackError::Crypt {
+                        node: node.path.clone(),
+                        source,
+                    })?
+                }
+            };
+            faults.extend(own_faults);
+            Ok(backend)
+        }
+    }
+}
