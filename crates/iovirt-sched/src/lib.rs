@@ -6,6 +6,8 @@ mod error;
 mod heap;
 mod mclock;
 mod parda;
+#[cfg(test)]
+mod proptests;
 pub mod sim;
 mod stage;
 mod stats;

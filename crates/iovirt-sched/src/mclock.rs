@@ -199,6 +199,8 @@ struct Queued<T> {
     p: i128,
     /// This request's own reservation spacing, given back after a weight-phase dispatch.
     r_own: i64,
+    /// Its limit spacing, also counted from the previous dispatch.
+    l_inc: i64,
 }
 
 #[derive(Debug)]
@@ -217,6 +219,11 @@ struct Client<T> {
     /// Added to every stored P tag: raised when the client comes back from
     /// its limit, so a capped client banks no share (see `MClock::promote`).
     p_boost: i128,
+    /// The previous request's limit tag, or its dispatch time less its
+    /// spacing if that is later: the head's limit tag is at least this plus
+    /// its spacing, so a client delayed by contention cannot catch up above
+    /// its limit by more than one request.
+    l_floor: i64,
     removed: bool,
 }
 
@@ -241,6 +248,7 @@ impl<T> Client<T> {
             last_p: NEVER_P,
             r_shift: 0,
             p_boost: 0,
+            l_floor: NEVER_R,
             removed: false,
         };
         c.set_rates(params);
@@ -260,6 +268,12 @@ impl<T> Client<T> {
 
     fn has_reservation(&self) -> bool {
         self.r_inv > 0.0
+    }
+
+    /// The limit tag that decides when the head may be served.
+    fn head_l(&self) -> Option<i64> {
+        let h = self.queue.front()?;
+        Some(h.l.max(self.l_floor.saturating_add(h.l_inc)))
     }
 
     /// Assign the three tags of a request arriving at `now` (the paper's
@@ -299,8 +313,9 @@ impl<T> Client<T> {
 /// scheduler runs on virtual time in tests and simulators and on a monotonic
 /// clock in production. Every operation is O(log n) in the number of clients
 /// with queued requests: three indexed heaps hold them by reservation tag,
-/// by limit tag (clients over their limit) and by proportional-share tag
-/// (clients under their limit).
+/// by limit tag (clients at their limit) and by proportional-share tag
+/// (clients under their limit; those with a reservation are also in the
+/// reservation heap: a client at its limit is not served at all).
 ///
 /// ```
 /// use iovirt_sched::{ClientParams, MClock, Phase};
@@ -415,6 +430,7 @@ impl<T> MClock<T> {
         for q in queue.iter_mut() {
             let (r, l, p, r_own) = c.tag(q.cost, q.req, now, p_offset);
             (q.r, q.l, q.p, q.r_own) = (r, l, p, r_own);
+            q.l_inc = ns((q.cost + q.req.delta) * c.l_inv);
         }
         c.queue = queue;
         self.requeue_head(id.0, now);
@@ -478,6 +494,7 @@ impl<T> MClock<T> {
         let p_offset = self.p_offset;
         let c = self.client_mut(client)?;
         let (r, l, p, r_own) = c.tag(cost, req, now, p_offset);
+        let l_inc = ns((cost + req.delta) * c.l_inv);
         c.queue.push_back(Queued {
             item,
             cost,
@@ -487,6 +504,7 @@ impl<T> MClock<T> {
             l,
             p,
             r_own,
+            l_inc,
         });
         self.queued += 1;
         if was_idle {
@@ -513,6 +531,9 @@ impl<T> MClock<T> {
                     p = floor;
                 }
                 self.ready.set(id, p);
+                if c.has_reservation() {
+                    self.by_r.set(id, head.r - c.r_shift);
+                }
             }
         }
     }
@@ -527,17 +548,21 @@ impl<T> MClock<T> {
                 self.ready.remove(id);
             }
             Some(head) => {
-                if c.has_reservation() {
-                    self.by_r.set(id, head.r - c.r_shift);
-                } else {
-                    self.by_r.remove(id);
-                }
-                if head.l <= now {
+                let l = c.head_l().unwrap_or(head.l);
+                if l <= now {
                     self.limited.remove(id);
                     self.ready.set(id, head.p + c.p_boost);
+                    if c.has_reservation() {
+                        self.by_r.set(id, head.r - c.r_shift);
+                    } else {
+                        self.by_r.remove(id);
+                    }
                 } else {
+                    // At its limit: not even its reservation is served (it
+                    // cannot exceed the limit) until the limit tag comes due.
                     self.ready.remove(id);
-                    self.limited.set(id, head.l);
+                    self.by_r.remove(id);
+                    self.limited.set(id, l);
                 }
             }
         }
@@ -549,19 +574,23 @@ impl<T> MClock<T> {
     /// with queued requests is over its limit (see [`MClock::next_eligible`]).
     pub fn dispatch(&mut self, now: u64) -> Option<Dispatched<T>> {
         let now = clamp_now(now);
+        self.promote(now);
         if let Some((r, id)) = self.by_r.peek() {
             if r <= now {
                 return self.serve(id, Phase::Reservation, now);
             }
         }
-        self.promote(now);
         let (_, id) = self.ready.peek()?;
         self.serve(id, Phase::Weight, now)
     }
 
     fn serve(&mut self, id: u32, phase: Phase, now: i64) -> Option<Dispatched<T>> {
         let c = &mut self.clients[id as usize];
+        let l = c.head_l()?;
         let q = c.queue.pop_front()?;
+        // Lateness of up to one spacing (the dispatcher's own granularity)
+        // is forgiven; more is not carried over as a burst.
+        c.l_floor = l.max(now.saturating_sub(q.l_inc));
         if phase == Phase::Weight && c.has_reservation() {
             // Served from its share, not its reservation: give the
             // reservation spacing back to the requests behind it.
@@ -584,13 +613,9 @@ impl<T> MClock<T> {
         if self.ready.len() > 0 {
             return Some(0);
         }
-        let r = self.by_r.peek().map(|(t, _)| t);
-        let l = self.limited.peek().map(|(t, _)| t);
-        let t = match (r, l) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b)?,
-        };
-        Some(t.max(0) as u64)
+        // Clients with a reservation tag due are in `ready` too.
+        let (l, _) = self.limited.peek()?;
+        Some(l.max(0) as u64)
     }
 
     /// Whether a dispatch at `now` would return a request.
@@ -620,6 +645,41 @@ impl<T> MClock<T> {
             .enumerate()
             .filter(|(_, c)| !c.removed)
             .map(|(i, _)| ClientId(i as u32))
+    }
+}
+
+#[cfg(test)]
+impl<T> MClock<T> {
+    /// Brute force over all clients, for the property tests: the client and
+    /// phase a dispatch at `now` must choose, by the paper's rules.
+    pub(crate) fn expected_choice(&self, now: u64) -> Option<(ClientId, Phase)> {
+        let now = clamp_now(now);
+        let heads = self
+            .clients
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.removed)
+            .filter_map(|(i, c)| c.queue.front().map(|h| (i as u32, c, h)));
+        let mut by_r = None;
+        let mut by_p = None;
+        for (i, c, h) in heads {
+            let r = h.r - c.r_shift;
+            let under_limit = c.head_l().is_some_and(|l| l <= now);
+            if c.has_reservation()
+                && under_limit
+                && r <= now
+                && by_r.is_none_or(|(br, bi)| (r, i) < (br, bi))
+            {
+                by_r = Some((r, i));
+            }
+            if c.head_l().is_some_and(|l| l <= now) {
+                by_p = Some(by_p.map_or(i, |b: u32| b));
+            }
+        }
+        if let Some((_, i)) = by_r {
+            return Some((ClientId(i), Phase::Reservation));
+        }
+        by_p.map(|_| (ClientId(u32::MAX), Phase::Weight))
     }
 }
 
