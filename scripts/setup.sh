@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(seabios qemu-system-x86 qemu-utils cpio kmod lz4 zstd busybox-static xorriso nasm)
+pkgs=(seabios qemu-system-x86 qemu-utils cpio kmod lz4 zstd busybox-static xorriso nasm cryptsetup-bin python3-cryptography)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
