@@ -84,20 +84,28 @@ impl<K: Ord + Copy> KeyedHeap<K> {
         self.pos[self.heap[b].1 as usize] = b as u32;
     }
 
+    /// Move the entry at `at` up to its place, shifting parents down into the
+    /// hole instead of swapping (one position write per level).
     fn sift_up(&mut self, mut at: usize) {
+        let item = self.heap[at];
         while at > 0 {
             let parent = (at - 1) / 2;
-            if self.heap[at] < self.heap[parent] {
-                self.swap(at, parent);
+            if item < self.heap[parent] {
+                self.heap[at] = self.heap[parent];
+                self.pos[self.heap[at].1 as usize] = at as u32;
                 at = parent;
             } else {
                 break;
             }
         }
+        self.heap[at] = item;
+        self.pos[item.1 as usize] = at as u32;
     }
 
+    /// Move the entry at `at` down to its place, the same way.
     fn sift_down(&mut self, mut at: usize) {
         let n = self.heap.len();
+        let item = self.heap[at];
         loop {
             let l = 2 * at + 1;
             if l >= n {
@@ -109,13 +117,16 @@ impl<K: Ord + Copy> KeyedHeap<K> {
             } else {
                 l
             };
-            if self.heap[child] < self.heap[at] {
-                self.swap(at, child);
+            if self.heap[child] < item {
+                self.heap[at] = self.heap[child];
+                self.pos[self.heap[at].1 as usize] = at as u32;
                 at = child;
             } else {
                 break;
             }
         }
+        self.heap[at] = item;
+        self.pos[item.1 as usize] = at as u32;
     }
 }
 

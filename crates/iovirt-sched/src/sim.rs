@@ -356,6 +356,9 @@ pub fn mclock_paper(seed: u64) -> SimConfig {
     }
 }
 
+/// A completion at the array: (time, sequence, host, VM, issued at).
+type ArrayDone = (u64, u64, usize, u32, u64);
+
 /// One host of a [`PardaSim`].
 #[derive(Clone, Debug)]
 pub struct SimHost {
@@ -440,7 +443,7 @@ impl PardaSim {
         let mut fifo = std::collections::VecDeque::new();
         let mut busy = 0usize;
         // Events: (time, seq, host, vm, issued) completions; control ticks are periodic.
-        let mut done: BinaryHeap<Reverse<(u64, u64, usize, u32, u64)>> = BinaryHeap::new();
+        let mut done: BinaryHeap<Reverse<ArrayDone>> = BinaryHeap::new();
         let mut seq = 0u64;
         let half = cfg.duration / 2;
         let mut host_n = vec![0u64; hosts.len()];
