@@ -158,7 +158,7 @@ fn every_mistake_is_one_line_naming_the_node() {
         // Syntax.
         ("[disk]\nbackend = \"file\"\n= 3\n".into(), "stack description, line 3, column ".into()),
         ("".into(), "stack description: expected one top-level table naming the disk, e.g. [disk]".into()),
-        ("[a]\nbackend=\"null\"\n[b]\nbackend=\"null\"\n".into(), "stack description: expected one top-level table naming the disk, found a, b".into()),
+        ("[a]\nbackend=\"null\"\n[b]\nbackend=\"null\"\n".into(), "stack description: expected one top-level table naming the disk, found \"a\", \"b\"".into()),
         ("disk = 3".into(), "stack description: \"disk\" must be a table ([disk]), not a integer".into()),
         // Kinds.
         ("[disk]\nbackend = \"tape\"".into(), "disk: unknown back-end \"tape\" (expected file, memory, null or image)".into()),
@@ -248,4 +248,27 @@ fn a_file_used_twice_is_rejected() {
             dir.path().join(".").join("a.img")
         )
     );
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+    /// Garbled descriptions never panic and always give one-line errors (the
+    /// `stack_spec` fuzz target checks the same on arbitrary bytes).
+    #[test]
+    fn garbled_descriptions_give_one_line_errors(
+        cut in 0usize..400,
+        insert in "[\\[\\]=\"{},.a-z0-9\n -]{0,12}",
+    ) {
+        let base = "[disk]\nfilter = \"fault\"\nfail = [{ op = \"write\", offset = \"1M..2M\", count = 3 }]\n[disk.child]\nbackend = \"memory\"\nsize = \"4M\"\n";
+        let cut = cut.min(base.len());
+        let text = format!("{}{}{}", &base[..cut], insert, &base[cut..]);
+        let msg = match StackSpec::from_toml_str(&text) {
+            Ok(spec) => spec.validate().err().map(|e| e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(msg) = msg {
+            proptest::prop_assert!(!msg.contains('\n'), "{:?}", msg);
+        }
+    }
 }

@@ -28,13 +28,22 @@ pub(super) fn parse_document(text: &str, base: Option<&Path>) -> Result<StackSpe
             ))
         }
         (Some(_), Some(_)) => {
-            let names: Vec<&str> = doc.keys().map(String::as_str).collect();
+            let names: Vec<String> = doc.keys().map(|k| format!("{k:?}")).collect();
             return Err(StackError::Shape(format!(
                 "expected one top-level table naming the disk, found {}",
                 names.join(", ")
             )));
         }
     };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(StackError::Shape(format!(
+            "the disk's name {name:?} must be letters, digits, '-' or '_'"
+        )));
+    }
     let Value::Table(t) = root else {
         return Err(StackError::Shape(format!(
             "{name:?} must be a table ([{name}]), not a {}",
@@ -61,7 +70,7 @@ fn syntax_error(text: &str, e: &toml::de::Error) -> StackError {
     StackError::Syntax {
         line,
         column,
-        message: e.message().trim().replace('\n', "; "),
+        message: e.message().trim().replace(['\n', '\r'], "; "),
     }
 }
 
