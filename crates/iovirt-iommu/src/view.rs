@@ -162,21 +162,21 @@ impl<M: GuestMemoryBackend> DmaView<M> {
                     })
                 }
             };
-            let kind = match step {
+            let (kind, flen) = match step {
                 Ok((gpa, n)) => {
                     let backed = self.mem.check_range(GuestAddress(gpa), n);
                     let present = backed && self.hook.as_ref().is_none_or(|h| h.is_present(gpa, n));
                     if present {
                         return Ok((gpa, n));
                     }
-                    DmaFaultKind::NotPresent { gpa }
+                    (DmaFaultKind::NotPresent { gpa }, n)
                 }
-                Err(reason) => DmaFaultKind::Translation(reason),
+                Err(reason) => (DmaFaultKind::Translation(reason), len),
             };
             let fault = DmaFault {
                 rid: self.rid,
                 iova,
-                len,
+                len: flen,
                 access,
                 kind,
             };
