@@ -4,7 +4,8 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use vm_memory::{GuestAddress, GuestMemory, Permissions, VolatileSlice};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, Permissions, VolatileSlice};
 
 use crate::BlockError;
 
@@ -23,6 +24,61 @@ struct Segment {
     len: usize,
 }
 
+const EMPTY_SEGMENT: Segment = Segment {
+    ptr: std::ptr::null_mut(),
+    len: 0,
+};
+
+/// Segments kept inline before spilling to the heap: most requests have one or
+/// two data descriptors, each within one guest memory region.
+const INLINE_SEGMENTS: usize = 4;
+
+/// A small vector of segments that needs no allocation up to [`INLINE_SEGMENTS`].
+enum SegList {
+    Inline {
+        len: usize,
+        segs: [Segment; INLINE_SEGMENTS],
+    },
+    Heap(Vec<Segment>),
+}
+
+impl SegList {
+    fn with_capacity(n: usize) -> Self {
+        if n <= INLINE_SEGMENTS {
+            SegList::Inline {
+                len: 0,
+                segs: [EMPTY_SEGMENT; INLINE_SEGMENTS],
+            }
+        } else {
+            SegList::Heap(Vec::with_capacity(n))
+        }
+    }
+
+    fn push(&mut self, s: Segment) {
+        match self {
+            SegList::Inline { len, segs } => {
+                if let Some(slot) = segs.get_mut(*len) {
+                    *slot = s;
+                    *len += 1;
+                } else {
+                    let mut v = Vec::with_capacity(INLINE_SEGMENTS * 2);
+                    v.extend_from_slice(segs);
+                    v.push(s);
+                    *self = SegList::Heap(v);
+                }
+            }
+            SegList::Heap(v) => v.push(s),
+        }
+    }
+
+    fn as_slice(&self) -> &[Segment] {
+        match self {
+            SegList::Inline { len, segs } => segs.get(..*len).unwrap_or(&[]),
+            SegList::Heap(v) => v,
+        }
+    }
+}
+
 /// The scatter-gather data buffer of one request.
 ///
 /// Built either from guest memory ([`IoBuffers::from_guest`]: the ranges are
@@ -31,7 +87,7 @@ struct Segment {
 /// Access goes only through [`VolatileSlice`]s or the copy helpers: no `&mut [u8]`
 /// alias of guest memory is ever made, because the guest may change it at any time.
 pub struct IoBuffers {
-    segs: Vec<Segment>,
+    segs: SegList,
     len: usize,
     _owner: Arc<dyn Any + Send + Sync>,
 }
@@ -47,7 +103,7 @@ unsafe impl Sync for IoBuffers {}
 impl std::fmt::Debug for IoBuffers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IoBuffers")
-            .field("segments", &self.segs.len())
+            .field("segments", &self.segs.as_slice().len())
             .field("len", &self.len)
             .finish()
     }
@@ -69,35 +125,26 @@ impl IoBuffers {
             Direction::DeviceWrites => Permissions::Write,
             Direction::DeviceReads => Permissions::Read,
         };
-        let mut segs = Vec::with_capacity(ranges.len());
+        let mut segs = SegList::with_capacity(ranges.len());
         let mut len = 0usize;
+        // Plain guest memory (no IOMMU in between): a range inside one region
+        // resolves to one slice with a single region lookup.
+        let physical = mem.physical_memory();
         for &(addr, count) in ranges {
             if count == 0 {
                 continue;
             }
-            let mut got = 0usize;
-            let iter = mem
-                .get_slices(addr, count, access)
-                .map_err(|e| BlockError::Buffer(format!("{:#x}+{count:#x}: {e}", addr.0)))?;
-            for slice in iter {
-                let slice = slice
-                    .map_err(|e| BlockError::Buffer(format!("{:#x}+{count:#x}: {e}", addr.0)))?;
-                // Writes by the device must show up in dirty tracking (migration).
+            let fast = physical.and_then(|pm| pm.get_slice(addr, count).ok());
+            if let Some(slice) = fast {
                 if dir == Direction::DeviceWrites {
-                    use vm_memory::bitmap::Bitmap;
                     slice.bitmap().mark_dirty(0, slice.len());
                 }
-                got += slice.len();
                 segs.push(Segment {
                     ptr: slice.ptr_guard_mut().as_ptr(),
                     len: slice.len(),
                 });
-            }
-            if got != count {
-                return Err(BlockError::Buffer(format!(
-                    "{:#x}+{count:#x}: only {got} bytes are guest memory",
-                    addr.0
-                )));
+            } else {
+                Self::resolve_slow(&*mem, addr, count, access, dir, &mut segs)?;
             }
             len = len
                 .checked_add(count)
@@ -110,18 +157,52 @@ impl IoBuffers {
         })
     }
 
+    /// Resolve one range that may cross regions or go through an IOMMU.
+    fn resolve_slow<M: GuestMemory + ?Sized>(
+        mem: &M,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+        dir: Direction,
+        segs: &mut SegList,
+    ) -> Result<(), BlockError> {
+        let mut got = 0usize;
+        let iter = mem
+            .get_slices(addr, count, access)
+            .map_err(|e| BlockError::Buffer(format!("{:#x}+{count:#x}: {e}", addr.0)))?;
+        for slice in iter {
+            let slice =
+                slice.map_err(|e| BlockError::Buffer(format!("{:#x}+{count:#x}: {e}", addr.0)))?;
+            // Writes by the device must show up in dirty tracking (migration).
+            if dir == Direction::DeviceWrites {
+                slice.bitmap().mark_dirty(0, slice.len());
+            }
+            got += slice.len();
+            segs.push(Segment {
+                ptr: slice.ptr_guard_mut().as_ptr(),
+                len: slice.len(),
+            });
+        }
+        if got != count {
+            return Err(BlockError::Buffer(format!(
+                "{:#x}+{count:#x}: only {got} bytes are guest memory",
+                addr.0
+            )));
+        }
+        Ok(())
+    }
+
     /// A buffer over host memory, for filters and tests.
     pub fn from_vec(data: Vec<u8>) -> Self {
         let mut boxed = data.into_boxed_slice();
         let len = boxed.len();
-        let segs = if len == 0 {
-            Vec::new()
-        } else {
-            vec![Segment {
+        let mut segs = SegList::with_capacity(1);
+        if len != 0 {
+            segs.push(Segment {
                 ptr: boxed.as_mut_ptr(),
                 len,
-            }]
-        };
+            });
+        }
         IoBuffers {
             segs,
             len,
@@ -146,12 +227,12 @@ impl IoBuffers {
 
     /// Number of scatter-gather segments.
     pub fn segments(&self) -> usize {
-        self.segs.len()
+        self.segs.as_slice().len()
     }
 
     /// The segments as volatile slices, in order.
     pub fn slices(&self) -> impl Iterator<Item = VolatileSlice<'_>> + '_ {
-        self.segs.iter().map(|s| {
+        self.segs.as_slice().iter().map(|s| {
             // SAFETY: the segment lies in memory kept alive by `_owner` for `'_`.
             unsafe { VolatileSlice::new(s.ptr, s.len) }
         })
@@ -161,6 +242,7 @@ impl IoBuffers {
     /// They stay valid as long as `self` does.
     pub fn iovecs(&self) -> Vec<libc::iovec> {
         self.segs
+            .as_slice()
             .iter()
             .map(|s| libc::iovec {
                 iov_base: s.ptr.cast(),
@@ -279,6 +361,35 @@ mod tests {
             Direction::DeviceWrites
         )
         .is_err());
+    }
+
+    #[test]
+    fn many_guest_ranges_spill_past_the_inline_segments() {
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+        let ranges: Vec<_> = (0..7u64)
+            .map(|i| (GuestAddress(0x1000 * i + i), 3usize))
+            .collect();
+        for (i, &(a, _)) in ranges.iter().enumerate() {
+            mem.write_slice(&[i as u8; 3], a).unwrap();
+        }
+        let b = IoBuffers::from_guest(mem.clone(), &ranges, Direction::DeviceWrites).unwrap();
+        assert_eq!(b.segments(), 7);
+        assert_eq!(b.len(), 21);
+        let want: Vec<u8> = (0..7u8).flat_map(|i| [i; 3]).collect();
+        assert_eq!(b.to_vec(), want);
+        assert_eq!(b.iovecs().len(), 7);
+        // A range in one region takes the fast path; one past the end fails.
+        assert!(IoBuffers::from_guest(
+            mem.clone(),
+            &[(GuestAddress(0xfff0), 0x20)],
+            Direction::DeviceReads
+        )
+        .is_err());
+        let empty =
+            IoBuffers::from_guest(mem, &[(GuestAddress(0), 0)], Direction::DeviceReads).unwrap();
+        assert!(empty.is_empty());
+        assert_eq!(empty.segments(), 0);
     }
 
     #[test]

@@ -10,20 +10,19 @@
 //! frontend stops the queue (GET_VRING_BASE), the worker's handler waits for
 //! its in-flight requests, hands the ring indices back and is dropped.
 
-use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use iovirt_backend::{BlockBackend, BlockInfo, Completion, Request};
+use iovirt_backend::BlockBackend;
 use iovirt_bus::InterruptError;
 use iovirt_virtio::block::{BlockConfig, QueueHandler, VirtioBlock};
 use iovirt_virtio::{VirtioDevice, VirtioInterrupt};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -40,47 +39,11 @@ type Vring = VringRwLock<AtomicMem>;
 
 /// Bit 30 of the feature word: the frontend may negotiate protocol features.
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+/// Put finished requests on the used ring (and signal) after this many chains
+/// of a pass, so the frontend reaps and refills while the rest are processed.
+const SIGNAL_BATCH: usize = 8;
 /// How long GET_VRING_BASE waits for in-flight requests before giving up on them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-
-thread_local! {
-    /// The wake-up eventfd of the queue whose worker is running on this thread.
-    static CURRENT_WAKE: RefCell<Option<Arc<EventFd>>> = const { RefCell::new(None) };
-}
-
-fn current_wake() -> Option<Arc<EventFd>> {
-    CURRENT_WAKE.with(|c| c.borrow().clone())
-}
-
-/// The back-end as the device sees it: a completion that finishes on another
-/// thread also wakes the submitting queue's worker, whose event loop waits on
-/// the queue's wake eventfd (it cannot see the queue handler's own event).
-struct WakingBackend {
-    disk: Arc<dyn BlockBackend>,
-}
-
-impl BlockBackend for WakingBackend {
-    fn info(&self) -> BlockInfo {
-        self.disk.info()
-    }
-    fn submit(&self, req: Request, done: Completion) {
-        let Some(wake) = current_wake() else {
-            return self.disk.submit(req, done);
-        };
-        self.disk.submit(
-            req,
-            Completion::new(move |r| {
-                done.complete(r);
-                // On the worker itself (an inline back-end), it collects after submitting.
-                let on_worker = CURRENT_WAKE
-                    .with(|c| c.borrow().as_ref().is_some_and(|w| Arc::ptr_eq(w, &wake)));
-                if !on_worker {
-                    let _ = wake.write(1);
-                }
-            }),
-        )
-    }
-}
 
 /// Signals the frontend through the vring's call eventfd.
 struct CallInterrupt(Vring);
@@ -153,8 +116,7 @@ impl BlkDevice {
     ) -> Result<Self, Error> {
         let num_queues = cfg.num_queues;
         let queue_size = cfg.queue_size;
-        let blk = VirtioBlock::new(Arc::new(WakingBackend { disk }), cfg)
-            .map_err(|e| Error::Usage(e.to_string()))?;
+        let blk = VirtioBlock::new(disk, cfg).map_err(|e| Error::Usage(e.to_string()))?;
         let queues = (0..num_queues)
             .map(|index| {
                 Ok(QueueCtx {
@@ -190,24 +152,23 @@ impl BlkDevice {
         &self.0.blk
     }
 
-    /// Adaptive polling: after a kick, watch the avail ring for up to the poll
-    /// window and process new requests without waiting for the next kick (the
-    /// wake-up is what limits a busy queue, not the processing).
+    /// Adaptive polling: after a kick, keep the driver's notifications off
+    /// and watch the avail ring for up to the poll window, processing new
+    /// requests without waiting for (or costing the driver) another kick.
+    /// Notifications are turned back on only when the window passes idle.
     fn poll(&self, h: &mut QueueHandler<GuestMem>) {
         if self.0.poll.is_zero() {
+            h.process_queue();
             return;
         }
+        h.disable_notification();
+        h.poll_queue();
         let mut deadline = Instant::now() + self.0.poll;
         let mut spins = 0u32;
         loop {
-            let pending = {
-                let mem = self.0.mem.memory();
-                h.queue()
-                    .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
-                    .is_ok_and(|i| i.0 != h.queue().next_avail())
-            };
-            if pending {
-                h.process_queue();
+            if h.has_available() {
+                h.poll_queue();
+                spins = 0;
                 deadline = Instant::now() + self.0.poll;
                 continue;
             }
@@ -217,7 +178,13 @@ impl BlkDevice {
                     h.process_completions();
                 }
                 if Instant::now() >= deadline {
-                    return;
+                    // Re-arm the driver's kicks; if it posted meanwhile, go on polling.
+                    if !h.enable_notification() {
+                        h.process_completions();
+                        return;
+                    }
+                    h.disable_notification();
+                    deadline = Instant::now() + self.0.poll;
                 }
             }
             std::hint::spin_loop();
@@ -240,12 +207,17 @@ impl BlkDevice {
             }
         };
         let irq = Arc::new(CallInterrupt(vring.clone()));
-        match self
-            .0
-            .blk
-            .queue_handler(q.index, queue, self.0.mem.clone(), irq)
-        {
-            Ok(h) => Some(h),
+        match self.0.blk.queue_handler_with_event(
+            q.index,
+            queue,
+            self.0.mem.clone(),
+            irq,
+            q.wake.clone(),
+        ) {
+            Ok(mut h) => {
+                h.set_signal_batch(SIGNAL_BATCH);
+                Some(h)
+            }
             Err(e) => {
                 log::error!("queue {}: cannot start: {e}", q.index);
                 None
@@ -360,10 +332,7 @@ impl VhostUserBackend for BlkDevice {
                 *slot = self.start_queue(q, vring);
             }
             if let Some(h) = slot.as_mut() {
-                CURRENT_WAKE.with(|c| *c.borrow_mut() = Some(q.wake.clone()));
-                h.process_queue();
                 self.poll(h);
-                CURRENT_WAKE.with(|c| *c.borrow_mut() = None);
             }
         }
         // Errors are logged by the queue handler; returning one would stop this worker.

@@ -3,16 +3,17 @@
 //! Each enabled queue gets a worker thread that waits (epoll) on the queue's
 //! notification event, on a completion event and on a stop event. The worker
 //! pops descriptor chains, parses them ([`request::parse_request`]), submits
-//! the requests to the back-end and keeps going; completions come back from
-//! the back-end's threads over a channel and the worker writes the status,
-//! puts the chain on the used ring and interrupts the guest when the
-//! notification-suppression rules say so. [`QueueHandler`] is that logic
-//! without the thread, for tests, fuzzing and benchmarks.
+//! the requests to the back-end and keeps going; completions are queued by
+//! the back-end's threads (which then write the completion event) or, for
+//! inline back-ends, collected right after submission without a system call,
+//! and the worker writes the status, puts the chain on the used ring and
+//! interrupts the guest when the notification-suppression rules say so.
+//! [`QueueHandler`] is that logic without the thread, for tests, fuzzing,
+//! benchmarks and event loops of their own (vhost-user daemons).
 
 pub mod request;
 
-use std::sync::atomic::{fence, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -29,7 +30,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::{read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
 use crate::{VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK};
 use request::{
-    parse_request, BlockRequest, RequestError, RequestKind, RequestLimits, SECTOR_SIZE,
+    parse_request_into, BlockRequest, RequestError, RequestKind, RequestLimits, SECTOR_SIZE,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
@@ -115,8 +116,44 @@ struct Done {
     result: BlockResult,
 }
 
+/// A number unique to the calling thread while it lives (the address of a
+/// thread-local), cheaper than `std::thread::current().id()`.
+fn thread_token() -> usize {
+    thread_local!(static TOKEN: u8 = const { 0 });
+    TOKEN.with(|t| t as *const u8 as usize)
+}
+
+/// Where back-end completions wait for the queue's owner.
+struct DoneQueue {
+    list: Mutex<Vec<Done>>,
+    /// Written when a completion arrives on a thread other than the one
+    /// submitting right now (the owner collects its own inline completions
+    /// right after submitting, so those need no wake-up).
+    evt: Arc<EventFd>,
+    /// [`thread_token`] of the thread inside `process_queue`, or 0.
+    submitter: AtomicUsize,
+}
+
+impl DoneQueue {
+    fn push(&self, done: Done) {
+        self.list
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(done);
+        if self.submitter.load(Ordering::Relaxed) != thread_token() {
+            let _ = self.evt.write(1);
+        }
+    }
+}
+
 /// Per-queue request processing, without a thread: pop chains, parse,
 /// submit, collect completions, fill the used ring, signal.
+///
+/// Completions that back-ends finish on other threads are queued and the
+/// completion event ([`QueueHandler::completion_event`]) is written; the
+/// owner's event loop then calls [`QueueHandler::process_completions`].
+/// Completions that finish inside `submit` (inline back-ends such as memory
+/// and null) are collected without any system call.
 pub struct QueueHandler<M: GuestMemory> {
     index: u16,
     queue: Queue,
@@ -125,15 +162,21 @@ pub struct QueueHandler<M: GuestMemory> {
     limits: RequestLimits,
     serial: [u8; VIRTIO_BLK_ID_BYTES],
     interrupt: Arc<dyn VirtioInterrupt>,
-    tx: Sender<Done>,
-    rx: Receiver<Done>,
-    done_evt: Arc<EventFd>,
+    done: Arc<DoneQueue>,
+    /// Spare list swapped with `done.list` when collecting.
+    collected: Vec<Done>,
     descs: Vec<Descriptor>,
+    data: Vec<(GuestAddress, usize)>,
     inflight: usize,
     added: bool,
+    /// Complete and signal after this many chains within one pass (0: only at the end).
+    signal_batch: usize,
+    /// Chains started since completions were last collected.
+    since_collect: usize,
 }
 
 impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         index: u16,
         queue: Queue,
@@ -142,8 +185,12 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
         limits: RequestLimits,
         serial: [u8; VIRTIO_BLK_ID_BYTES],
         interrupt: Arc<dyn VirtioInterrupt>,
+        evt: Option<Arc<EventFd>>,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel();
+        let evt = match evt {
+            Some(e) => e,
+            None => Arc::new(EventFd::new(EFD_NONBLOCK)?),
+        };
         Ok(QueueHandler {
             index,
             queue,
@@ -152,12 +199,18 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
             limits,
             serial,
             interrupt,
-            tx,
-            rx,
-            done_evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            done: Arc::new(DoneQueue {
+                list: Mutex::new(Vec::new()),
+                evt,
+                submitter: AtomicUsize::new(0),
+            }),
+            collected: Vec::new(),
             descs: Vec::new(),
+            data: Vec::new(),
             inflight: 0,
             added: false,
+            signal_batch: 0,
+            since_collect: 0,
         })
     }
 
@@ -171,6 +224,71 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
         &self.queue
     }
 
+    /// Stop using the queue and hand it back (its `next_avail` and `next_used`
+    /// say where the device stopped). Requests still in flight complete into
+    /// nothing: call [`QueueHandler::process_completions`] until
+    /// [`QueueHandler::inflight`] is 0 first.
+    pub fn into_queue(self) -> Queue {
+        self.queue
+    }
+
+    /// The event written when a back-end completes a request on another
+    /// thread: add it to the event loop and call
+    /// [`QueueHandler::process_completions`] when it fires. Reading (resetting)
+    /// it is the event loop's job. Inline completions never write it.
+    pub fn completion_event(&self) -> &Arc<EventFd> {
+        &self.done.evt
+    }
+
+    /// Within one pass over the avail ring, put finished requests on the used
+    /// ring and signal (as the suppression rules allow) after every `n`
+    /// chains, so the driver can reap and refill while the device works on the
+    /// rest. 0 (the default) completes only at the end of the pass.
+    pub fn set_signal_batch(&mut self, n: usize) {
+        self.signal_batch = n;
+    }
+
+    /// Whether the avail ring holds chains the device has not popped yet.
+    pub fn has_available(&self) -> bool {
+        let mem = self.mem.memory();
+        self.queue
+            .avail_idx(&*mem, Ordering::Acquire)
+            .is_ok_and(|i| i.0 != self.queue.next_avail())
+    }
+
+    /// Ask the driver not to notify the queue (polling mode). With EVENT_IDX
+    /// this is simply not moving `avail_event` forward.
+    pub fn disable_notification(&mut self) {
+        let mem = self.mem.memory();
+        if let Err(e) = self.queue.disable_notification(&*mem) {
+            log::warn!("virtio-blk: queue {}: {e}", self.index);
+        }
+    }
+
+    /// Ask the driver to notify the queue again; returns whether chains
+    /// arrived meanwhile (then poll once more before sleeping).
+    pub fn enable_notification(&mut self) -> bool {
+        let mem = self.mem.memory();
+        match self.queue.enable_notification(&*mem) {
+            Ok(more) => more,
+            Err(e) => {
+                log::warn!("virtio-blk: queue {}: {e}", self.index);
+                false
+            }
+        }
+    }
+
+    /// Polling mode: start every available chain without touching the
+    /// notification settings, then collect completions and signal. Returns
+    /// the number of chains started.
+    pub fn poll_queue(&mut self) -> usize {
+        let mem = self.mem.memory();
+        let n = self.pop_all(&mem);
+        self.collect(&mem);
+        self.signal_if_needed(&mem);
+        n
+    }
+
     /// The driver notified the queue: process every available chain, then
     /// every completion already back, and signal the guest if needed.
     pub fn process_queue(&mut self) {
@@ -180,14 +298,7 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
                 log::warn!("virtio-blk: queue {}: {e}", self.index);
                 return;
             }
-            let mut popped = false;
-            while let Some(chain) = self.queue.pop_descriptor_chain(&*mem) {
-                popped = true;
-                let head = chain.head_index();
-                self.descs.clear();
-                self.descs.extend(chain);
-                self.start(&mem, head);
-            }
+            let popped = self.pop_all(&mem) > 0;
             match self.queue.enable_notification(&*mem) {
                 // More work arrived while notifications were off: go again.
                 Ok(true) if popped => continue,
@@ -205,16 +316,50 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
                 }
             }
         }
-        drop(mem);
-        self.process_completions();
+        self.collect(&mem);
+        self.signal_if_needed(&mem);
+    }
+
+    /// Pop, parse and submit every available chain; returns how many.
+    fn pop_all(&mut self, mem: &vm_memory::atomic::GuestMemoryLoadGuard<M>) -> usize {
+        self.done.submitter.store(thread_token(), Ordering::Relaxed);
+        let mut n = 0;
+        while let Some(chain) = self.queue.pop_descriptor_chain(&**mem) {
+            n += 1;
+            let head = chain.head_index();
+            self.descs.clear();
+            self.descs.extend(chain);
+            self.start(mem, head);
+            self.since_collect += 1;
+            if self.signal_batch != 0 && self.since_collect >= self.signal_batch {
+                self.collect(mem);
+                self.signal_if_needed(mem);
+            }
+        }
+        self.done.submitter.store(0, Ordering::Relaxed);
+        n
     }
 
     /// Collect completions from the back-end, put them on the used ring and
     /// signal the guest if the suppression rules allow.
     pub fn process_completions(&mut self) {
-        let _ = self.done_evt.read();
         let mem = self.mem.memory();
-        while let Ok(done) = self.rx.try_recv() {
+        self.collect(&mem);
+        self.signal_if_needed(&mem);
+    }
+
+    /// Move finished requests to the used ring.
+    fn collect(&mut self, mem: &M) {
+        self.since_collect = 0;
+        {
+            let mut list = self.done.list.lock().unwrap_or_else(|e| e.into_inner());
+            if list.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut *list, &mut self.collected);
+        }
+        let mut collected = std::mem::take(&mut self.collected);
+        for done in collected.drain(..) {
             self.inflight = self.inflight.saturating_sub(1);
             let (status, written) = match &done.result {
                 Ok(()) => (VIRTIO_BLK_S_OK, done.written),
@@ -227,9 +372,26 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
                     (s, 0)
                 }
             };
-            self.finish(&*mem, done.head, Some(done.status), status, written);
+            self.finish(mem, done.head, Some(done.status), status, written);
         }
-        self.signal_if_needed(&*mem);
+        self.collected = collected;
+    }
+
+    /// Wait up to `timeout` for the requests in flight (reset), collecting
+    /// them without touching the rings. Returns how many are still in flight.
+    fn drain_without_rings(&mut self, timeout: Duration) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            {
+                let mut list = self.done.list.lock().unwrap_or_else(|e| e.into_inner());
+                self.inflight = self.inflight.saturating_sub(list.len());
+                list.clear();
+            }
+            if self.inflight == 0 || std::time::Instant::now() >= deadline {
+                return self.inflight;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     fn finish(&mut self, mem: &M, head: u16, status: Option<GuestAddress>, code: u8, written: u32) {
@@ -270,7 +432,7 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
     }
 
     fn start(&mut self, mem: &vm_memory::atomic::GuestMemoryLoadGuard<M>, head: u16) {
-        let parsed = parse_request(&self.descs, &**mem, &self.limits);
+        let parsed = parse_request_into(&self.descs, &**mem, &self.limits, &mut self.data);
         let req = match parsed {
             Ok(r) => r,
             Err(f) => {
@@ -288,20 +450,14 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
 
     fn completion(&mut self, head: u16, status: GuestAddress, written: u32) -> Completion {
         self.inflight += 1;
-        let tx = self.tx.clone();
-        let evt = self.done_evt.clone();
+        let done = self.done.clone();
         Completion::new(move |result| {
-            if tx
-                .send(Done {
-                    head,
-                    status,
-                    written,
-                    result,
-                })
-                .is_ok()
-            {
-                let _ = evt.write(1);
-            }
+            done.push(Done {
+                head,
+                status,
+                written,
+                result,
+            })
         })
     }
 
@@ -322,7 +478,7 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
                 };
                 let written = if read { req.data_len as u32 } else { 0 };
                 let done = self.completion(head, req.status, written);
-                match IoBuffers::from_guest(mem.clone().into_inner(), &req.data, dir) {
+                match IoBuffers::from_guest(mem.clone().into_inner(), &self.data, dir) {
                     Ok(buf) => {
                         let r = if read {
                             Request::Read { offset, buf }
@@ -344,7 +500,7 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
             }
             RequestKind::GetId => {
                 let mut written = 0usize;
-                for &(addr, len) in &req.data {
+                for &(addr, len) in &self.data {
                     let n = len.min(VIRTIO_BLK_ID_BYTES - written);
                     let src = self.serial.get(written..written + n).unwrap_or(&[]);
                     if mem.write_slice(src, addr).is_err() {
@@ -548,6 +704,29 @@ impl VirtioBlock {
             self.limits.clone(),
             self.serial,
             interrupt,
+            None,
+        )
+    }
+
+    /// [`VirtioBlock::queue_handler`] whose completion event is `evt` (one the
+    /// caller's event loop already watches, e.g. across queue restarts).
+    pub fn queue_handler_with_event<M: GuestMemory + Send + Sync + 'static>(
+        &self,
+        index: u16,
+        queue: Queue,
+        mem: GuestMemoryAtomic<M>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        evt: Arc<EventFd>,
+    ) -> std::io::Result<QueueHandler<M>> {
+        QueueHandler::new(
+            index,
+            queue,
+            mem,
+            self.backend.clone(),
+            self.limits.clone(),
+            self.serial,
+            interrupt,
+            Some(evt),
         )
     }
 
@@ -573,7 +752,7 @@ fn worker_loop<M: GuestMemory + Send + Sync + 'static>(
     for (fd, token) in [
         (stop.as_raw_fd(), TOKEN_STOP),
         (notify.as_raw_fd(), TOKEN_NOTIFY),
-        (h.done_evt.as_raw_fd(), TOKEN_DONE),
+        (h.done.evt.as_raw_fd(), TOKEN_DONE),
     ] {
         epoll.ctl(
             ControlOperation::Add,
@@ -593,20 +772,12 @@ fn worker_loop<M: GuestMemory + Send + Sync + 'static>(
                 TOKEN_STOP => {
                     // Reset: wait for in-flight requests so nothing writes guest
                     // memory after the reset, but never touch the rings again.
-                    let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
-                    while h.inflight > 0 {
-                        let left = deadline.saturating_duration_since(std::time::Instant::now());
-                        match h.rx.recv_timeout(left) {
-                            Ok(_) => h.inflight -= 1,
-                            Err(_) => {
-                                log::warn!(
-                                    "virtio-blk: queue {}: {} requests still in flight at reset",
-                                    h.index,
-                                    h.inflight
-                                );
-                                break;
-                            }
-                        }
+                    let left = h.drain_without_rings(DRAIN_TIMEOUT);
+                    if left > 0 {
+                        log::warn!(
+                            "virtio-blk: queue {}: {left} requests still in flight at reset",
+                            h.index
+                        );
                     }
                     return Ok(());
                 }
@@ -614,7 +785,10 @@ fn worker_loop<M: GuestMemory + Send + Sync + 'static>(
                     let _ = notify.read();
                     h.process_queue();
                 }
-                _ => h.process_completions(),
+                _ => {
+                    let _ = h.done.evt.read();
+                    h.process_completions();
+                }
             }
         }
     }

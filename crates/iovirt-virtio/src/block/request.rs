@@ -296,6 +296,42 @@ pub fn parse_request<M: GuestMemory>(
     mem: &M,
     limits: &RequestLimits,
 ) -> Result<BlockRequest, ParseFailure> {
+    let mut data = Vec::new();
+    let mut req = parse_request_into(descs, mem, limits, &mut data)?;
+    req.data = data;
+    Ok(req)
+}
+
+/// [`parse_request`] without allocating: the data descriptors of reads, writes
+/// and GET_ID go into `data` (cleared first; reuse it across requests) and the
+/// returned request's own `data` is left empty. For flush, discard and
+/// write-zeroes `data` ends up empty, as `parse_request` leaves it.
+pub fn parse_request_into<M: GuestMemory>(
+    descs: &[Descriptor],
+    mem: &M,
+    limits: &RequestLimits,
+    data: &mut Vec<(GuestAddress, usize)>,
+) -> Result<BlockRequest, ParseFailure> {
+    data.clear();
+    let r = parse_checked(descs, mem, limits, data);
+    if !matches!(
+        r,
+        Ok(BlockRequest {
+            kind: RequestKind::Read | RequestKind::Write | RequestKind::GetId,
+            ..
+        })
+    ) {
+        data.clear();
+    }
+    r
+}
+
+fn parse_checked<M: GuestMemory>(
+    descs: &[Descriptor],
+    mem: &M,
+    limits: &RequestLimits,
+    data: &mut Vec<(GuestAddress, usize)>,
+) -> Result<BlockRequest, ParseFailure> {
     let no_status = |error| ParseFailure {
         error,
         status: None,
@@ -315,7 +351,7 @@ pub fn parse_request<M: GuestMemory>(
         .checked_add(u64::from(last.len()) - 1)
         .map(GuestAddress)
         .ok_or_else(|| no_status(RequestError::StatusAddress(last.addr().0)))?;
-    parse_body(descs, mem, limits, status).map_err(|error| ParseFailure {
+    parse_body(descs, mem, limits, status, data).map_err(|error| ParseFailure {
         error,
         status: Some(status),
     })
@@ -326,6 +362,7 @@ fn parse_body<M: GuestMemory>(
     mem: &M,
     limits: &RequestLimits,
     status: GuestAddress,
+    data: &mut Vec<(GuestAddress, usize)>,
 ) -> Result<BlockRequest, RequestError> {
     let n = descs.len();
     let (Some(head), Some(data_descs)) = (descs.first(), descs.get(1..n.saturating_sub(1))) else {
@@ -354,7 +391,7 @@ fn parse_body<M: GuestMemory>(
         VIRTIO_BLK_T_WRITE_ZEROES if limits.write_zeroes => false,
         other => return Err(RequestError::UnsupportedType(other)),
     };
-    let mut data = Vec::with_capacity(data_descs.len());
+    data.reserve(data_descs.len());
     let mut data_len = 0u64;
     for (index, d) in data_descs.iter().enumerate() {
         if d.is_write_only() != device_writes {
@@ -430,7 +467,7 @@ fn parse_body<M: GuestMemory>(
             }
             // At most `max_seg` segments: a bounded copy out of guest memory.
             let mut bytes = Vec::with_capacity(data_len as usize);
-            for &(addr, len) in &data {
+            for &(addr, len) in data.iter() {
                 let start = bytes.len();
                 bytes.resize(start + len, 0);
                 mem.read_slice(&mut bytes[start..], addr)
@@ -468,7 +505,7 @@ fn parse_body<M: GuestMemory>(
     Ok(BlockRequest {
         kind,
         sector,
-        data,
+        data: Vec::new(),
         data_len,
         status,
     })
