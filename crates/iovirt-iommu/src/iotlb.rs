@@ -47,7 +47,7 @@ impl Array {
         (tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - self.bits)) as usize
     }
 
-    #[inline]
+    #[inline(always)]
     fn lookup(&self, did: u16, iova: u64) -> Option<u64> {
         let tag = self.tag(did, iova);
         let slot = self.slots.get(self.index(tag))?;
@@ -123,18 +123,32 @@ impl Iotlb {
         if iova >> 57 != 0 {
             return None;
         }
-        for a in &self.arrays {
+        let [a4k, a2m, a1g] = &self.arrays;
+        if let Some(d) = a4k.lookup(did, iova) {
+            return Some(Self::mapping(a4k.size, iova, d));
+        }
+        self.lookup_large(did, iova, a2m, a1g)
+    }
+
+    #[cold]
+    fn lookup_large(&self, did: u16, iova: u64, a2m: &Array, a1g: &Array) -> Option<Mapping> {
+        for a in [a2m, a1g] {
             if let Some(d) = a.lookup(did, iova) {
-                let mask = a.size.bytes() - 1;
-                return Some(Mapping {
-                    iova: iova & !mask,
-                    gpa: d & !mask,
-                    size: a.size,
-                    perms: Perms::from_bits_truncate((d & 3) as u8),
-                });
+                return Some(Self::mapping(a.size, iova, d));
             }
         }
         None
+    }
+
+    #[inline(always)]
+    fn mapping(size: PageSize, iova: u64, d: u64) -> Mapping {
+        let mask = size.bytes() - 1;
+        Mapping {
+            iova: iova & !mask,
+            gpa: d & !mask,
+            size,
+            perms: Perms::from_bits_truncate((d & 3) as u8),
+        }
     }
 
     /// Cache `m` for domain `did` (IOVAs wider than 57 bits are not cached).

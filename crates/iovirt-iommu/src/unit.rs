@@ -2,9 +2,8 @@
 //! (domains the VMM or a virtio-iommu device fills through `map`/`unmap`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
-
-use arc_swap::ArcSwap;
 
 use crate::domain::{DomainError, HostDomain};
 use crate::fault::{Fault, FaultLog, FaultReason, FaultReporter};
@@ -46,6 +45,17 @@ pub enum Attachment {
     Bypass,
 }
 
+const ATT_DOMAIN: u32 = 1 << 16;
+const ATT_BYPASS: u32 = 2 << 16;
+
+fn decode(word: u32) -> Option<Attachment> {
+    match word & !0xffff {
+        ATT_DOMAIN => Some(Attachment::Domain(word as u16)),
+        ATT_BYPASS => Some(Attachment::Bypass),
+        _ => None,
+    }
+}
+
 /// Why a host-side IOMMU operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IommuError {
@@ -70,7 +80,8 @@ pub enum IommuError {
 /// invalidation; `unmap` invalidates the range it removed before returning,
 /// so the caller may reuse the memory at once.
 pub struct Iommu {
-    devices: ArcSwap<HashMap<RequesterId, Attachment>>,
+    /// One word per requester ID: 0 blocked, `DOMAIN | did`, or `BYPASS`.
+    devices: Box<[AtomicU32]>,
     domains: RwLock<HashMap<u16, HostDomain>>,
     iotlb: Iotlb,
     faults: FaultLog,
@@ -80,7 +91,10 @@ pub struct Iommu {
 impl std::fmt::Debug for Iommu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Iommu")
-            .field("devices", &self.devices.load().len())
+            .field(
+                "domains",
+                &self.domains.read().map(|d| d.len()).unwrap_or(0),
+            )
             .field("faults", &self.faults.total())
             .finish()
     }
@@ -96,7 +110,7 @@ impl Iommu {
     /// An IOMMU with no domains, every device blocked, a 256-entry fault log.
     pub fn new() -> Self {
         Iommu {
-            devices: ArcSwap::from_pointee(HashMap::new()),
+            devices: (0..=u16::MAX).map(|_| AtomicU32::new(0)).collect(),
             domains: RwLock::new(HashMap::new()),
             iotlb: Iotlb::new(),
             faults: FaultLog::default(),
@@ -122,11 +136,11 @@ impl Iommu {
 
     /// Destroy domain `did` (no device may be attached to it).
     pub fn destroy_domain(&self, did: u16) -> Result<(), IommuError> {
+        let word = ATT_DOMAIN | u32::from(did);
         if self
             .devices
-            .load()
-            .values()
-            .any(|a| *a == Attachment::Domain(did))
+            .iter()
+            .any(|a| a.load(Ordering::Acquire) == word)
         {
             return Err(IommuError::DomainBusy(did));
         }
@@ -149,26 +163,30 @@ impl Iommu {
                 return Err(IommuError::NoDomain(did));
             }
         }
-        self.devices.rcu(|m| {
-            let mut m = HashMap::clone(m);
-            m.insert(rid, att);
-            m
-        });
+        let word = match att {
+            Attachment::Domain(did) => ATT_DOMAIN | u32::from(did),
+            Attachment::Bypass => ATT_BYPASS,
+        };
+        if let Some(slot) = self.devices.get(usize::from(rid.0)) {
+            slot.store(word, Ordering::Release);
+        }
         Ok(())
     }
 
     /// Detach `rid`: its DMA faults from now on.
     pub fn detach(&self, rid: RequesterId) {
-        self.devices.rcu(|m| {
-            let mut m = HashMap::clone(m);
-            m.remove(&rid);
-            m
-        });
+        if let Some(slot) = self.devices.get(usize::from(rid.0)) {
+            slot.store(0, Ordering::Release);
+        }
     }
 
     /// What `rid` is attached to.
     pub fn attachment(&self, rid: RequesterId) -> Option<Attachment> {
-        self.devices.load().get(&rid).copied()
+        decode(
+            self.devices
+                .get(usize::from(rid.0))?
+                .load(Ordering::Acquire),
+        )
     }
 
     /// Map `len` bytes at `iova` in domain `did` to `gpa` with `perms`.
@@ -260,8 +278,12 @@ impl Translator for Iommu {
         iova: u64,
         access: Access,
     ) -> Result<Mapping, FaultReason> {
-        match self.devices.load().get(&rid) {
-            Some(Attachment::Domain(did)) => self.translate_in(*did, iova, access),
+        let word = self
+            .devices
+            .get(usize::from(rid.0))
+            .map_or(0, |w| w.load(Ordering::Acquire));
+        match decode(word) {
+            Some(Attachment::Domain(did)) => self.translate_in(did, iova, access),
             Some(Attachment::Bypass) => Ok(identity(iova)),
             None => Err(FaultReason::ContextNotPresent),
         }
