@@ -174,7 +174,7 @@ mod tests {
         let _ = walk(&g, l4, &cfg, 0x8000_0000);
         // Root outside memory.
         assert_eq!(
-            walk(&g, u64::MAX & !0xfff, &cfg, 0),
+            walk(&g, !0xfff_u64, &cfg, 0),
             Err(FaultReason::PagingEntryAccess)
         );
     }

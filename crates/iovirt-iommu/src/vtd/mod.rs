@@ -159,8 +159,8 @@ pub enum VtdStateError {
         /// Configured.
         want: usize,
     },
-    /// A queue pointer lies outside the queue.
-    #[error("invalidation queue pointer {0:#x} outside the queue")]
+    /// A queue pointer has bits outside its field (18:4).
+    #[error("invalidation queue pointer {0:#x} is malformed")]
     QueuePointer(u64),
 }
 
@@ -309,9 +309,8 @@ impl<M: GuestMemoryBackend + Send + Sync> Vtd<M> {
                 want,
             });
         }
-        let qbytes = queue_entries(state.iqa) * InvDescriptor::SIZE;
         for p in [state.iqh, state.iqt] {
-            if p >= qbytes {
+            if p & !0x7fff0 != 0 {
                 return Err(VtdStateError::QueuePointer(p));
             }
         }
@@ -655,11 +654,9 @@ impl<M: GuestMemoryBackend + Send + Sync> Vtd<M> {
             }
             IQA => set_lo(&mut st.iqa, v & !0x7f8),
             0x94 => set_hi(&mut st.iqa, v),
-            ICS => {
-                if v & ICS_IWC != 0 {
-                    st.ics &= !ICS_IWC;
-                    st.iectl &= !EV_IP;
-                }
+            ICS if v & ICS_IWC != 0 => {
+                st.ics &= !ICS_IWC;
+                st.iectl &= !EV_IP;
             }
             IECTL => {
                 st.iectl = (st.iectl & EV_IP) | (v & EV_IM);
