@@ -12,6 +12,8 @@
 //! must keep the device status an error maps to.
 #![deny(missing_docs)]
 
+pub mod aggregate;
 pub mod crypt;
 pub mod fault;
+pub mod mirror;
 pub mod stack;

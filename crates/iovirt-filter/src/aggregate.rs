@@ -1,0 +1,3 @@
+//! Aggregation: concatenation and striping of several children into one disk.
+
+pub(crate) mod parts;
