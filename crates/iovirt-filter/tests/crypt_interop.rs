@@ -90,6 +90,11 @@ fn secret_arg(key_file: &Path) -> String {
 }
 
 fn qemu_luks1_image(dir: &Path) -> (PathBuf, PathBuf) {
+    qemu_luks1_image_with(dir, "")
+}
+
+/// A qemu-img LUKS1 image with extra `-o` options (`extra` starts with a comma).
+fn qemu_luks1_image_with(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
     let img = dir.join("luks1.img");
     let key = dir.join("key");
     std::fs::write(&key, PASS).unwrap();
@@ -101,7 +106,8 @@ fn qemu_luks1_image(dir: &Path) -> (PathBuf, PathBuf) {
         let out = Command::new("qemu-img")
             .args(["create", "-q", "-f", "luks", "--object"])
             .arg(format!("secret,id=s0,data={PASS}"))
-            .args(["-o", "key-secret=s0,iter-time=10"])
+            .arg("-o")
+            .arg(format!("key-secret=s0,iter-time=10{extra}"))
             .arg(&img)
             .arg("16M")
             .output()
@@ -499,4 +505,26 @@ fn luks2_host_side_decryptor_finds_our_data() {
     assert!(plain[1 << 20..(1 << 20) + data.len()] == data[..]);
     let raw = std::fs::read(&img).unwrap();
     assert!(!raw.windows(4096).any(|w| w == &data[..4096]));
+}
+
+// Peer: qemu-io writes into a qemu-img LUKS1 image with AES-128-XTS and SHA-1; we read it back.
+#[test]
+fn luks1_aes128_sha1_from_qemu_io() {
+    if !have("qemu-io", &["--version"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, key) = qemu_luks1_image_with(dir.path(), ",cipher-alg=aes-128,hash-alg=sha1");
+    run(Command::new("qemu-io")
+        .args(["--object", &secret_arg(&key), "--image-opts"])
+        .arg(format!(
+            "driver=luks,key-secret=s0,file.filename={}",
+            img.display()
+        ))
+        .args(["-c", "write -P 0x3c 12M 128k"]));
+    let be = open_file(&img);
+    let info = iovirt_filter::crypt::inspect(&be).unwrap();
+    assert_eq!(info.key_size, 32);
+    let plain = open_luks(be, &CryptOptions::with_passphrase(PASS)).unwrap();
+    assert_eq!(read(&plain, 12 << 20, 128 << 10), vec![0x3c; 128 << 10]);
 }
