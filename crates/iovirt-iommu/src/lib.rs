@@ -61,6 +61,7 @@ mod iotlb;
 mod types;
 mod unit;
 mod view;
+pub mod virtio;
 pub mod vtd;
 mod walk;
 
