@@ -96,6 +96,8 @@ pub struct IotlbStats {
 pub struct Iotlb {
     arrays: [Array; 3],
     writer: Mutex<IotlbStats>,
+    /// Bumped by every invalidation, so a walk that raced with one is not cached.
+    generation: AtomicU64,
 }
 
 impl Default for Iotlb {
@@ -114,6 +116,7 @@ impl Iotlb {
                 Array::new(PageSize::Size1G, 6),
             ],
             writer: Mutex::new(IotlbStats::default()),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -151,14 +154,37 @@ impl Iotlb {
         }
     }
 
+    /// The invalidation generation: read it before a page walk and pass it to
+    /// [`Iotlb::insert_if_current`], so that a walk which raced with an
+    /// invalidation does not leave a stale entry behind.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Cache `m` for domain `did` (IOVAs wider than 57 bits are not cached).
     pub fn insert(&self, did: u16, m: &Mapping) {
+        self.insert_if_current(did, m, None);
+    }
+
+    /// Cache `m` unless an invalidation happened since [`Iotlb::generation`]
+    /// returned `generation`. Returns whether it was cached.
+    pub fn insert_if_current(
+        &self,
+        did: u16,
+        m: &Mapping,
+        generation: impl Into<Option<u64>>,
+    ) -> bool {
         if m.iova >> 57 != 0 {
-            return;
+            return false;
         }
         let a = &self.arrays[m.size.level() as usize - 1];
         let tag = a.tag(did, m.iova);
         let mut st = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = generation.into() {
+            if self.generation.load(Ordering::Relaxed) != g {
+                return false;
+            }
+        }
         st.fills += 1;
         if let Some(slot) = a.slots.get(a.index(tag)) {
             Array::store(
@@ -167,11 +193,13 @@ impl Iotlb {
                 (m.gpa & !(a.size.bytes() - 1)) | u64::from(m.perms.bits()),
             );
         }
+        true
     }
 
     fn invalidate_where(&self, mut pred: impl FnMut(PageSize, u16, u64) -> bool) {
         let mut st = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         st.invalidations += 1;
+        self.generation.fetch_add(1, Ordering::Release);
         for a in &self.arrays {
             for slot in a.slots.iter() {
                 let tag = slot.tag.load(Ordering::Relaxed);
@@ -213,6 +241,7 @@ impl Iotlb {
         if pages <= 16 {
             let mut st = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             st.invalidations += 1;
+            self.generation.fetch_add(1, Ordering::Release);
             for a in &self.arrays {
                 let mask = a.size.bytes() - 1;
                 let mut p = start & !mask;
@@ -279,5 +308,16 @@ mod tests {
         t.insert(2, &m(0x5000, 0xa000, PageSize::Size4K));
         t.invalidate_all();
         assert!(t.lookup(2, 0x5000).is_none());
+    }
+
+    #[test]
+    fn a_walk_racing_an_invalidation_is_not_cached() {
+        let t = Iotlb::new();
+        let g = t.generation();
+        // The guest changes the tables and invalidates while the walk runs.
+        t.invalidate_pages(1, 0x5000, 0);
+        assert!(!t.insert_if_current(1, &m(0x5000, 0x9000, PageSize::Size4K), g));
+        assert!(t.lookup(1, 0x5000).is_none());
+        assert!(t.insert_if_current(1, &m(0x5000, 0x9000, PageSize::Size4K), t.generation()));
     }
 }

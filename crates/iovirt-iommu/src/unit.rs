@@ -254,6 +254,7 @@ impl Iommu {
                 return Ok(m);
             }
         }
+        let generation = self.iotlb.generation();
         let d = self.domains.read().unwrap_or_else(|p| p.into_inner());
         let dom = d.get(&did).ok_or(FaultReason::ContextNotPresent)?;
         let m = dom.translate(iova).map_err(|r| match r {
@@ -261,7 +262,7 @@ impl Iommu {
             r => r,
         })?;
         drop(d);
-        self.iotlb.insert(did, &m);
+        self.iotlb.insert_if_current(did, &m, generation);
         if m.perms.contains(access.perm()) {
             Ok(m)
         } else {

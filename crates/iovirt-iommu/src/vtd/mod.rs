@@ -29,7 +29,7 @@ pub mod acpi;
 pub mod regs;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use arc_swap::ArcSwap;
@@ -186,6 +186,8 @@ pub struct Vtd<M: GuestMemoryBackend> {
     regs: Mutex<VtdState>,
     te: AtomicBool,
     contexts: RwLock<HashMap<u16, Ctx>>,
+    /// Bumped by every context-cache invalidation (under the write lock).
+    ctx_generation: AtomicU64,
     iotlb: Iotlb,
     log: FaultLog,
     reporter: Option<Arc<dyn FaultReporter>>,
@@ -239,6 +241,7 @@ impl<M: GuestMemoryBackend + Send + Sync> Vtd<M> {
             regs: Mutex::new(VtdState::power_on(cfg.fault_records)),
             te: AtomicBool::new(false),
             contexts: RwLock::new(HashMap::new()),
+            ctx_generation: AtomicU64::new(0),
             iotlb: Iotlb::new(),
             log: FaultLog::default(),
             reporter: None,
@@ -321,10 +324,10 @@ impl<M: GuestMemoryBackend + Send + Sync> Vtd<M> {
     }
 
     fn flush_caches(&self) {
-        self.contexts
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        let mut c = self.contexts.write().unwrap_or_else(|p| p.into_inner());
+        self.ctx_generation.fetch_add(1, Ordering::Release);
+        c.clear();
+        drop(c);
         self.iotlb.invalidate_all();
     }
 
@@ -346,6 +349,7 @@ impl<M: GuestMemoryBackend + Send + Sync> Vtd<M> {
         {
             return Ok(*c);
         }
+        let generation = self.ctx_generation.load(Ordering::Acquire);
         let root = lock(&self.regs).root;
         let raddr = root
             .checked_add(u64::from(rid.bus()) * RootEntry::SIZE)
@@ -384,10 +388,11 @@ impl<M: GuestMemoryBackend + Send + Sync> Vtd<M> {
             kind,
             fpd: ce.fault_processing_disabled(),
         };
-        self.contexts
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(rid.0, ctx);
+        let mut cache = self.contexts.write().unwrap_or_else(|p| p.into_inner());
+        // Not cached if an invalidation ran while the tables were read.
+        if self.ctx_generation.load(Ordering::Relaxed) == generation {
+            cache.insert(rid.0, ctx);
+        }
         Ok(ctx)
     }
 
@@ -467,6 +472,7 @@ impl<M: GuestMemoryBackend + Send + Sync> Vtd<M> {
 
     fn invalidate_contexts(&self, g: Granularity, did: u16, sid: u16, fm: u8) {
         let mut c = self.contexts.write().unwrap_or_else(|p| p.into_inner());
+        self.ctx_generation.fetch_add(1, Ordering::Release);
         match g {
             Granularity::Domain => c.retain(|_, v| match v.kind {
                 CtxKind::Translate { did: d, .. } => d != did,
@@ -749,6 +755,7 @@ impl<M: GuestMemoryBackend + Send + Sync> Translator for Vtd<M> {
                 return Ok(m);
             }
         }
+        let generation = self.iotlb.generation();
         let mem = self.mem.load();
         let m = walk(&GuestTables(&**mem), table, &self.walk_config(levels), iova).map_err(
             |r| match r {
@@ -756,7 +763,7 @@ impl<M: GuestMemoryBackend + Send + Sync> Translator for Vtd<M> {
                 r => r,
             },
         )?;
-        self.iotlb.insert(did, &m);
+        self.iotlb.insert_if_current(did, &m, generation);
         if m.perms.contains(access.perm()) {
             Ok(m)
         } else {
