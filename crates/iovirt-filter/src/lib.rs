@@ -16,4 +16,5 @@ pub mod aggregate;
 pub mod crypt;
 pub mod fault;
 pub mod mirror;
+pub mod redolog;
 pub mod stack;
