@@ -39,9 +39,12 @@ type Vring = VringRwLock<AtomicMem>;
 
 /// Bit 30 of the feature word: the frontend may negotiate protocol features.
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
-/// Put finished requests on the used ring (and signal) after this many chains
-/// of a pass, so the frontend reaps and refills while the rest are processed.
-const SIGNAL_BATCH: usize = 8;
+/// Put finished requests on the used ring (and signal, as EVENT_IDX allows)
+/// after this many chains of a pass, so the frontend reaps and refills while
+/// the rest are processed. Measured at QD32 with libblkio on this 2-core host:
+/// 1 gave the lowest median latency (about 21 us against 30 us with 4), and
+/// signalling once per pass (32) clearly lowered IOPS.
+const SIGNAL_BATCH: usize = 1;
 /// How long GET_VRING_BASE waits for in-flight requests before giving up on them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -162,6 +165,7 @@ impl BlkDevice {
             return;
         }
         h.disable_notification();
+        h.set_polling(true);
         h.poll_queue();
         let mut deadline = Instant::now() + self.0.poll;
         let mut spins = 0u32;
@@ -180,7 +184,7 @@ impl BlkDevice {
                 if Instant::now() >= deadline {
                     // Re-arm the driver's kicks; if it posted meanwhile, go on polling.
                     if !h.enable_notification() {
-                        h.process_completions();
+                        h.set_polling(false);
                         return;
                     }
                     h.disable_notification();

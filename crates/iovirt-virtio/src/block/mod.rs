@@ -13,7 +13,7 @@
 
 pub mod request;
 
-use std::sync::atomic::{fence, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -132,6 +132,8 @@ struct DoneQueue {
     evt: Arc<EventFd>,
     /// [`thread_token`] of the thread inside `process_queue`, or 0.
     submitter: AtomicUsize,
+    /// The owner polls the list ([`QueueHandler::set_polling`]): no wake-ups.
+    polling: AtomicBool,
 }
 
 impl DoneQueue {
@@ -140,7 +142,13 @@ impl DoneQueue {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(done);
-        if self.submitter.load(Ordering::Relaxed) != thread_token() {
+        if self.submitter.load(Ordering::Relaxed) == thread_token() {
+            return;
+        }
+        // Pairs with the fence in `set_polling(false)`: either the owner sees
+        // this entry after it stops polling, or we see it stopped and wake it.
+        fence(Ordering::SeqCst);
+        if !self.polling.load(Ordering::Relaxed) {
             let _ = self.evt.write(1);
         }
     }
@@ -203,6 +211,7 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
                 list: Mutex::new(Vec::new()),
                 evt,
                 submitter: AtomicUsize::new(0),
+                polling: AtomicBool::new(false),
             }),
             collected: Vec::new(),
             descs: Vec::new(),
@@ -246,6 +255,18 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
     /// rest. 0 (the default) completes only at the end of the pass.
     pub fn set_signal_batch(&mut self, n: usize) {
         self.signal_batch = n;
+    }
+
+    /// Polling mode for completions: while on, back-ends completing on other
+    /// threads do not write the completion event, and the caller must call
+    /// [`QueueHandler::process_completions`] (or [`QueueHandler::poll_queue`])
+    /// regularly. Turning it off collects what arrived meanwhile.
+    pub fn set_polling(&mut self, on: bool) {
+        self.done.polling.store(on, Ordering::Relaxed);
+        if !on {
+            fence(Ordering::SeqCst);
+            self.process_completions();
+        }
     }
 
     /// Whether the avail ring holds chains the device has not popped yet.

@@ -622,3 +622,67 @@ fn indirect_chain_is_followed() {
     assert_eq!(used_idx(&vq), 2);
     assert_eq!(used(&vq, 1), (1, 0));
 }
+
+#[test]
+fn inline_completions_skip_the_event_and_signal_batches_signal_early() {
+    let r = Rig::new();
+    let vq = MockSplitQueue::new(&r.mem, 16);
+    let mut h = r.handler(&vq, false);
+    h.set_signal_batch(1);
+    r.header(VIRTIO_BLK_T_FLUSH, 0);
+    for _ in 0..3 {
+        r.push(&vq, &[(HDR, 16, false), (STATUS, 1, true)]);
+    }
+    h.process_queue();
+    assert_eq!(used_idx(&vq), 3);
+    assert_eq!(
+        (0..3).map(|i| used(&vq, i).1).collect::<Vec<_>>(),
+        [1, 1, 1]
+    );
+    // No EVENT_IDX and no NO_INTERRUPT flag: one interrupt per chain.
+    assert_eq!(r.irq.0.load(Ordering::SeqCst), 3);
+    // The inline back-end completed inside submit: no wake-up was written.
+    assert!(h.completion_event().read().is_err());
+
+    // Polling mode: chains are started without re-enabling notifications.
+    r.push(&vq, &[(HDR, 16, false), (STATUS, 1, true)]);
+    h.disable_notification();
+    h.set_polling(true);
+    assert!(h.has_available());
+    assert_eq!(h.poll_queue(), 1);
+    assert!(!h.has_available());
+    h.set_polling(false);
+    assert!(!h.enable_notification());
+    assert_eq!(used_idx(&vq), 4);
+    assert_eq!(h.inflight(), 0);
+    assert_eq!(h.into_queue().next_used(), 4);
+}
+
+#[test]
+fn completions_on_other_threads_write_the_event() {
+    let r = Rig::new();
+    let vq = MockSplitQueue::new(&r.mem, 16);
+    let pool = iovirt_backend::ThreadPool::new(MemoryBackend::new(1 << 20), 2, "blk-test").unwrap();
+    let blk = VirtioBlock::new(Arc::new(pool), BlockConfig::default()).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+    let mut h = blk
+        .queue_handler(0, q, GuestMemoryAtomic::new(r.mem.clone()), r.irq.clone())
+        .unwrap();
+    r.mem.write_slice(&[7; 512], GuestAddress(DATA)).unwrap();
+    r.header(VIRTIO_BLK_T_OUT, 1);
+    r.push(
+        &vq,
+        &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+    );
+    h.process_queue();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.completion_event().read().is_err() {
+        assert!(std::time::Instant::now() < deadline, "no completion event");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    h.process_completions();
+    assert_eq!(h.inflight(), 0);
+    assert_eq!(r.status(), VIRTIO_BLK_S_OK);
+    assert_eq!(used(&vq, 0), (0, 1));
+}
