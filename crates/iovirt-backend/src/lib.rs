@@ -163,6 +163,28 @@ mod tests {
     }
 
     #[test]
+    fn thread_pool_dropped_from_its_own_worker() {
+        let pool = Arc::new(ThreadPool::new(MemoryBackend::new(4096), 2, "self-drop").unwrap());
+        let keep = Arc::new(std::sync::Mutex::new(Some(pool.clone())));
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let k = keep.clone();
+        pool.submit(
+            Request::Flush,
+            Completion::new(move |r| {
+                // Wait until the test has dropped its reference, then drop the
+                // last one here, on the worker thread itself.
+                go_rx.recv().unwrap();
+                k.lock().unwrap().take();
+                tx.send(r.is_ok()).unwrap();
+            }),
+        );
+        drop(pool);
+        go_tx.send(()).unwrap();
+        assert!(rx.recv().unwrap());
+    }
+
+    #[test]
     fn thread_pool_keeps_many_in_flight() {
         let pool = ThreadPool::new(MemoryBackend::new(1 << 20), 4, "test-pool").unwrap();
         let (tx, rx) = std::sync::mpsc::channel();

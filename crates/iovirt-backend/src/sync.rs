@@ -142,8 +142,14 @@ impl<S: SyncBackend + 'static> BlockBackend for ThreadPool<S> {
 impl<S> Drop for ThreadPool<S> {
     fn drop(&mut self) {
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // The last reference may be dropped by a completion running on one of
+        // our own workers: that worker exits by itself once the channel is
+        // closed, and joining it from itself would fail.
+        let me = thread::current().id();
         for w in self.workers.drain(..) {
-            let _ = w.join();
+            if w.thread().id() != me {
+                let _ = w.join();
+            }
         }
     }
 }
