@@ -59,14 +59,12 @@ impl Scratch {
 
 /// Completes `done` once `n` parts have completed: with the first error
 /// reported by a part (its status kept), else success.
-#[allow(dead_code)] // used by the aggregation filters
 pub(crate) struct Join {
     left: AtomicUsize,
     first_err: Mutex<Option<BlockError>>,
     done: Mutex<Option<Completion>>,
 }
 
-#[allow(dead_code)]
 impl Join {
     /// A join of `n` parts (at least one) completing `done`.
     pub(crate) fn new(n: usize, done: Completion) -> Arc<Self> {
