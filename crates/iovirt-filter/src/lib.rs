@@ -16,5 +16,6 @@ pub mod aggregate;
 pub mod crypt;
 pub mod fault;
 pub mod mirror;
+pub mod multipath;
 pub mod redolog;
 pub mod stack;
