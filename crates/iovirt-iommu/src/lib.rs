@@ -7,8 +7,8 @@
 //! [`GuestMemory`](vm_memory::GuestMemory) whose addresses are that device's
 //! I/O virtual addresses (IOVAs). The view translates every access page by
 //! page for the device's requester ID through a [`Translator`] — the
-//! host-programmed [`Iommu`] (domains the VMM or a virtio-iommu device fills
-//! with `map`/`unmap`) or an emulated Intel VT-d unit ([`vtd::Vtd`]) whose
+//! host-programmed [`Iommu`] (domains the VMM or the virtio-iommu device
+//! [`virtio::VirtioIommu`] fills with `map`/`unmap`) or an emulated Intel VT-d unit ([`vtd::Vtd`]) whose
 //! page tables the guest owns — checks the read or write right, and only
 //! then reaches guest-physical memory. virtio devices (through virtio-queue's
 //! memory) and IDE bus-master DMA (through `IoBuffers::from_guest`) take the
