@@ -78,8 +78,12 @@ use iovirt_backend::{
     OpenError, RawFileOptions, CD_SECTOR_SIZE,
 };
 
+use crate::aggregate::{Aggregate, AggregateError};
 use crate::crypt::{CryptError, CryptOptions};
 use crate::fault::{FaultFilter, FaultHandle, FaultOptions, Rule};
+use crate::mirror::{Mirror, MirrorError, MirrorHandle, MirrorOptions};
+use crate::multipath::{Multipath, MultipathError, MultipathHandle, MultipathOptions};
+use crate::redolog::{RedoLog, RedoLogError, RedoLogHandle, RedoLogOptions};
 
 pub use parse::{parse_range, parse_size};
 
@@ -218,6 +222,15 @@ pub enum StackError {
         #[source]
         source: OpenError,
     },
+    /// A mirror, redo-log, aggregation or multipath filter could not be built.
+    #[error("{node}: {source}")]
+    Filter {
+        /// The node.
+        node: String,
+        /// What the filter said.
+        #[source]
+        source: FilterBuildError,
+    },
     /// The encryption filter could not unlock its volume (wrong passphrase or key file, not LUKS, ...).
     #[error("{node}: cannot unlock the encrypted volume: {source}")]
     Crypt {
@@ -227,6 +240,23 @@ pub enum StackError {
         #[source]
         source: CryptError,
     },
+}
+
+/// Why a mirror, redo-log, aggregation or multipath node could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterBuildError {
+    /// From [`crate::mirror::Mirror::new`].
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
+    /// From [`crate::redolog::RedoLog::open`].
+    #[error(transparent)]
+    RedoLog(#[from] RedoLogError),
+    /// From [`crate::aggregate::Aggregate::new`].
+    #[error(transparent)]
+    Aggregate(#[from] AggregateError),
+    /// From [`crate::multipath::Multipath::new`].
+    #[error(transparent)]
+    Multipath(#[from] MultipathError),
 }
 
 /// A parsed stack description: the disk's name and its top node.
@@ -309,6 +339,24 @@ pub enum FilterSpec {
     /// `filter = "crypt"`: LUKS encryption through [`crate::crypt::open_luks`]
     /// (`passphrase` or `key-file`).
     Crypt(CryptOptions),
+    /// `filter = "mirror"`: [`crate::mirror::Mirror`] over 2 or more children
+    /// (`region-size`, `bitmap`, `read-policy`, `write-quorum`, `resync-on-open`).
+    Mirror(MirrorOptions),
+    /// `filter = "redolog"`: [`crate::redolog::RedoLog`] over its child as the base.
+    RedoLog {
+        /// `log`: the log file (created if missing).
+        log: PathBuf,
+    },
+    /// `filter = "concat"`: the children one after another ([`crate::aggregate::Aggregate::concat`]).
+    Concat,
+    /// `filter = "stripe"`: the children interleaved ([`crate::aggregate::Aggregate::stripe`]).
+    Stripe {
+        /// `chunk`: bytes per chunk (default 64K).
+        chunk: u64,
+    },
+    /// `filter = "multipath"`: [`crate::multipath::Multipath`] over paths to one disk
+    /// (`policy`, `timeout-ms`).
+    Multipath(MultipathOptions),
 }
 
 impl FilterSpec {
@@ -317,27 +365,53 @@ impl FilterSpec {
         match self {
             FilterSpec::Fault { .. } => "fault",
             FilterSpec::Crypt(_) => "crypt",
+            FilterSpec::Mirror(_) => "mirror",
+            FilterSpec::RedoLog { .. } => "redolog",
+            FilterSpec::Concat => "concat",
+            FilterSpec::Stripe { .. } => "stripe",
+            FilterSpec::Multipath(_) => "multipath",
         }
     }
 
     /// How many children the filter takes (least, most).
     pub fn children(&self) -> (usize, usize) {
         match self {
-            FilterSpec::Fault { .. } | FilterSpec::Crypt(_) => (1, 1),
+            FilterSpec::Fault { .. } | FilterSpec::Crypt(_) | FilterSpec::RedoLog { .. } => (1, 1),
+            FilterSpec::Mirror(_) => (2, MAX_CHILDREN),
+            FilterSpec::Concat | FilterSpec::Stripe { .. } | FilterSpec::Multipath(_) => {
+                (1, MAX_CHILDREN)
+            }
         }
     }
 
-    /// Whether all children must have the same capacity (mirrors, stripes).
+    /// Whether all children must have the same capacity (mirrors, multipath).
     pub fn needs_equal_children(&self) -> bool {
-        false
+        matches!(self, FilterSpec::Mirror(_) | FilterSpec::Multipath(_))
     }
 }
 
-/// A built stack: the top back-end, and the control handles of its fault filters.
+/// The most children a mirror, aggregate or multipath node may have.
+pub const MAX_CHILDREN: usize = 64;
+
+/// The run-time control of one mirror, redo-log or multipath node, for a
+/// control interface that addresses nodes by path.
+#[derive(Clone, Debug)]
+pub enum NodeControl {
+    /// A mirror: fail/return children, resync progress, verify.
+    Mirror(MirrorHandle),
+    /// A redo log: snapshots, views, revert, merge.
+    RedoLog(RedoLogHandle),
+    /// A multipath disk: path status, fail/restore paths.
+    Multipath(MultipathHandle),
+}
+
+/// A built stack: the top back-end, and the control handles of its fault,
+/// mirror, redo-log and multipath filters.
 pub struct Stack {
     /// What the guest's device submits to.
     pub backend: Arc<dyn BlockBackend>,
     faults: Vec<(String, FaultHandle)>,
+    controls: Vec<(String, NodeControl)>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -361,6 +435,43 @@ impl Stack {
     /// Every fault filter's node path and handle, top first.
     pub fn faults(&self) -> impl Iterator<Item = (&str, &FaultHandle)> {
         self.faults.iter().map(|(p, h)| (p.as_str(), h))
+    }
+
+    /// The control of the mirror, redo-log or multipath node at `path`.
+    pub fn control(&self, path: &str) -> Option<&NodeControl> {
+        self.controls
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, c)| c)
+    }
+
+    /// Every mirror, redo-log and multipath node's path and control, top first.
+    pub fn controls(&self) -> impl Iterator<Item = (&str, &NodeControl)> {
+        self.controls.iter().map(|(p, c)| (p.as_str(), c))
+    }
+
+    /// The mirror at node `path`.
+    pub fn mirror(&self, path: &str) -> Option<&MirrorHandle> {
+        match self.control(path)? {
+            NodeControl::Mirror(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The redo log at node `path`.
+    pub fn redolog(&self, path: &str) -> Option<&RedoLogHandle> {
+        match self.control(path)? {
+            NodeControl::RedoLog(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The multipath disk at node `path`.
+    pub fn multipath(&self, path: &str) -> Option<&MultipathHandle> {
+        match self.control(path)? {
+            NodeControl::Multipath(h) => Some(h),
+            _ => None,
+        }
     }
 }
 
@@ -413,9 +524,15 @@ impl StackSpec {
     pub fn build_stack(&self) -> Result<Stack, StackError> {
         self.validate()?;
         let mut faults = Vec::new();
-        let backend = build_node(&self.root, &mut faults)?;
+        let mut controls = Vec::new();
+        let backend = build_node(&self.root, &mut faults, &mut controls)?;
         faults.reverse();
-        Ok(Stack { backend, faults })
+        controls.reverse();
+        Ok(Stack {
+            backend,
+            faults,
+            controls,
+        })
     }
 }
 
@@ -465,8 +582,23 @@ fn validate_node(
         },
         NodeKind::Filter { filter, children } => {
             let mut sizes = Vec::with_capacity(children.len());
+            // Multipath children are paths to one disk: they may name the same file.
+            let paths_to_one = matches!(filter, FilterSpec::Multipath(_));
+            let before = if paths_to_one {
+                files.clone()
+            } else {
+                HashMap::new()
+            };
             for c in children {
-                sizes.push((c, validate_node(c, files)?));
+                if paths_to_one {
+                    let mut own = before.clone();
+                    sizes.push((c, validate_node(c, &mut own)?));
+                    for (k, v) in own {
+                        files.entry(k).or_insert(v);
+                    }
+                } else {
+                    sizes.push((c, validate_node(c, files)?));
+                }
             }
             if filter.needs_equal_children() {
                 let known: Vec<_> = sizes
@@ -502,6 +634,60 @@ fn validate_node(
                     }
                     Ok(child_size)
                 }
+                FilterSpec::Mirror(opts) => {
+                    if let Some(b) = &opts.bitmap {
+                        claim_side_file(&node.path, "bitmap", b, files)?;
+                    }
+                    if opts.region_size == 0 || opts.region_size % 512 != 0 {
+                        return Err(StackError::BadValue {
+                            node: node.path.clone(),
+                            key: "region-size".into(),
+                            reason: format!(
+                                "{} is not a positive multiple of 512 bytes",
+                                opts.region_size
+                            ),
+                        });
+                    }
+                    if opts.write_quorum == 0 || opts.write_quorum > children.len() {
+                        return Err(StackError::BadValue {
+                            node: node.path.clone(),
+                            key: "write-quorum".into(),
+                            reason: format!(
+                                "{} is not between 1 and the {} children",
+                                opts.write_quorum,
+                                children.len()
+                            ),
+                        });
+                    }
+                    Ok(child_size)
+                }
+                FilterSpec::RedoLog { log } => {
+                    claim_side_file(&node.path, "log", log, files)?;
+                    Ok(child_size)
+                }
+                FilterSpec::Multipath(_) => Ok(child_size),
+                FilterSpec::Concat => Ok(sizes
+                    .iter()
+                    .try_fold(0u64, |acc, (_, s)| s.and_then(|s| acc.checked_add(s)))),
+                FilterSpec::Stripe { chunk } => {
+                    if *chunk == 0 || chunk % 512 != 0 {
+                        return Err(StackError::BadValue {
+                            node: node.path.clone(),
+                            key: "chunk".into(),
+                            reason: format!("{chunk} is not a positive multiple of 512 bytes"),
+                        });
+                    }
+                    let known: Option<Vec<u64>> = sizes.iter().map(|(_, s)| *s).collect();
+                    match known.and_then(|k| k.into_iter().min()) {
+                        Some(min) if min < *chunk => Err(size_err(format!(
+                            "a child has {min} bytes, less than one {chunk}-byte chunk"
+                        ))),
+                        Some(min) => Ok((min / chunk)
+                            .checked_mul(*chunk)
+                            .and_then(|x| x.checked_mul(sizes.len() as u64))),
+                        None => Ok(None),
+                    }
+                }
                 FilterSpec::Crypt(opts) => {
                     if let Some(kf) = &opts.key_file {
                         if !kf.exists() {
@@ -528,6 +714,44 @@ fn action_name(r: &Rule) -> &'static str {
         Action::Tear { .. } => "tear",
         Action::RateLimit { .. } => "rate-limit",
     }
+}
+
+/// Register a file a filter keeps beside the disk (a bitmap, a log): it
+/// may not exist yet, but must not be a directory nor used by another node.
+fn claim_side_file(
+    node: &str,
+    what: &str,
+    path: &Path,
+    files: &mut HashMap<PathBuf, String>,
+) -> Result<(), StackError> {
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !meta.file_type().is_file() {
+            return Err(StackError::NotADisk {
+                node: node.to_string(),
+                path: path.to_path_buf(),
+                reason: format!("the {what} must be a regular file"),
+            });
+        }
+    }
+    let key = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })
+        .map(|d| d.join(name))
+        .unwrap_or_else(|_| path.to_path_buf()),
+        _ => path.to_path_buf(),
+    };
+    if let Some(other) = files.get(&key) {
+        return Err(StackError::SharedFile {
+            node: node.to_string(),
+            path: path.to_path_buf(),
+            other: other.clone(),
+        });
+    }
+    files.insert(key, node.to_string());
+    Ok(())
 }
 
 fn check_file(
@@ -576,6 +800,7 @@ fn check_file(
 fn build_node(
     node: &NodeSpec,
     faults: &mut Vec<(String, FaultHandle)>,
+    controls: &mut Vec<(String, NodeControl)>,
 ) -> Result<Arc<dyn BlockBackend>, StackError> {
     let open_err = |source| StackError::Open {
         node: node.path.clone(),
@@ -612,8 +837,39 @@ fn build_node(
         NodeKind::Filter { filter, children } => {
             let mut opened = Vec::with_capacity(children.len());
             let mut own_faults = Vec::new();
+            let mut own_controls = Vec::new();
             for c in children {
-                opened.push(build_node(c, &mut own_faults)?);
+                opened.push(build_node(c, &mut own_faults, &mut own_controls)?);
+            }
+            let filter_err = |source: FilterBuildError| StackError::Filter {
+                node: node.path.clone(),
+                source,
+            };
+            let multi: Option<Arc<dyn BlockBackend>> = match filter {
+                FilterSpec::Mirror(opts) => {
+                    let m = Mirror::new(opened.clone(), opts.clone())
+                        .map_err(|e| filter_err(e.into()))?;
+                    own_controls.push((node.path.clone(), NodeControl::Mirror(m.handle())));
+                    Some(Arc::new(m))
+                }
+                FilterSpec::Concat => Some(Arc::new(
+                    Aggregate::concat(opened.clone()).map_err(|e| filter_err(e.into()))?,
+                )),
+                FilterSpec::Stripe { chunk } => Some(Arc::new(
+                    Aggregate::stripe(opened.clone(), *chunk).map_err(|e| filter_err(e.into()))?,
+                )),
+                FilterSpec::Multipath(opts) => {
+                    let m =
+                        Multipath::new(opened.clone(), *opts).map_err(|e| filter_err(e.into()))?;
+                    own_controls.push((node.path.clone(), NodeControl::Multipath(m.handle())));
+                    Some(Arc::new(m))
+                }
+                _ => None,
+            };
+            if let Some(backend) = multi {
+                faults.extend(own_faults);
+                controls.extend(own_controls);
+                return Ok(backend);
             }
             let mut opened = opened.into_iter();
             let Some(child) = opened.next() else {
@@ -634,6 +890,23 @@ fn build_node(
                     own_faults.push((node.path.clone(), h));
                     Arc::new(f)
                 }
+                FilterSpec::RedoLog { log } => {
+                    let r = RedoLog::open(child, RedoLogOptions::new(log))
+                        .map_err(|e| filter_err(e.into()))?;
+                    own_controls.push((node.path.clone(), NodeControl::RedoLog(r.handle())));
+                    Arc::new(r)
+                }
+                FilterSpec::Mirror(_)
+                | FilterSpec::Concat
+                | FilterSpec::Stripe { .. }
+                | FilterSpec::Multipath(_) => {
+                    return Err(StackError::Children {
+                        node: node.path.clone(),
+                        filter: filter.name(),
+                        expected: "several".into(),
+                        found: 1,
+                    })
+                }
                 FilterSpec::Crypt(opts) => {
                     crate::crypt::open_luks(child, opts).map_err(|source| StackError::Crypt {
                         node: node.path.clone(),
@@ -642,6 +915,7 @@ fn build_node(
                 }
             };
             faults.extend(own_faults);
+            controls.extend(own_controls);
             Ok(backend)
         }
     }

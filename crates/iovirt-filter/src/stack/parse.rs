@@ -11,11 +11,13 @@ use toml::{Table, Value};
 use super::{BackendSpec, FilterSpec, NodeKind, NodeSpec, StackError, StackSpec};
 use crate::crypt::CryptOptions;
 use crate::fault::{Action, FaultOptions, InjectedError, Op, Rule, Selector, TearThen};
+use crate::mirror::{MirrorOptions, ReadPolicy};
+use crate::multipath::{MultipathOptions, PathPolicy};
 
 /// The back-ends a node may name.
 pub(super) const BACKENDS: &str = "file, memory, null or image";
 /// The filters a node may name.
-pub(super) const FILTERS: &str = "fault or crypt";
+pub(super) const FILTERS: &str = "fault, crypt, mirror, redolog, concat, stripe or multipath";
 
 pub(super) fn parse_document(text: &str, base: Option<&Path>) -> Result<StackSpec, StackError> {
     let doc: Table = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
@@ -250,6 +252,20 @@ const FAULT_KEYS: &[&str] = &[
     "rate-limit",
 ];
 const CRYPT_KEYS: &[&str] = &["filter", "child", "children", "passphrase", "key-file"];
+const MIRROR_KEYS: &[&str] = &[
+    "filter",
+    "child",
+    "children",
+    "region-size",
+    "bitmap",
+    "read-policy",
+    "write-quorum",
+    "resync-on-open",
+];
+const REDOLOG_KEYS: &[&str] = &["filter", "child", "children", "log"];
+const CONCAT_KEYS: &[&str] = &["filter", "child", "children"];
+const STRIPE_KEYS: &[&str] = &["filter", "child", "children", "chunk"];
+const MULTIPATH_KEYS: &[&str] = &["filter", "child", "children", "policy", "timeout-ms"];
 const SELECT_KEYS: [&str; 5] = ["op", "offset", "after", "count", "probability"];
 
 fn parse_node(node: &str, t: &Table, base: Option<&Path>) -> Result<NodeSpec, StackError> {
@@ -399,6 +415,48 @@ fn parse_filter(
                 _ => {}
             }
             FilterSpec::Crypt(options)
+        }
+        "mirror" => {
+            let k = Keys::new(node, "filter \"mirror\"", t, MIRROR_KEYS)?;
+            let d = MirrorOptions::default();
+            FilterSpec::Mirror(MirrorOptions {
+                region_size: k.size("region-size")?.unwrap_or(d.region_size),
+                bitmap: k.path("bitmap", base)?,
+                read_policy: k.parsed::<ReadPolicy>("read-policy")?.unwrap_or_default(),
+                write_quorum: match k.u64("write-quorum")? {
+                    None => d.write_quorum,
+                    Some(q) => {
+                        usize::try_from(q).map_err(|_| k.bad("write-quorum", "too large"))?
+                    }
+                },
+                resync_on_open: k.bool("resync-on-open")?.unwrap_or(d.resync_on_open),
+            })
+        }
+        "redolog" => {
+            let k = Keys::new(node, "filter \"redolog\"", t, REDOLOG_KEYS)?;
+            FilterSpec::RedoLog {
+                log: k.path("log", base)?.ok_or_else(|| k.missing("log"))?,
+            }
+        }
+        "concat" => {
+            Keys::new(node, "filter \"concat\"", t, CONCAT_KEYS)?;
+            FilterSpec::Concat
+        }
+        "stripe" => {
+            let k = Keys::new(node, "filter \"stripe\"", t, STRIPE_KEYS)?;
+            FilterSpec::Stripe {
+                chunk: k.size("chunk")?.unwrap_or(64 << 10),
+            }
+        }
+        "multipath" => {
+            let k = Keys::new(node, "filter \"multipath\"", t, MULTIPATH_KEYS)?;
+            FilterSpec::Multipath(MultipathOptions {
+                policy: k.parsed::<PathPolicy>("policy")?.unwrap_or_default(),
+                timeout: k
+                    .u64("timeout-ms")?
+                    .filter(|&ms| ms > 0)
+                    .map(Duration::from_millis),
+            })
         }
         other => {
             return Err(StackError::UnknownKind {
