@@ -341,6 +341,9 @@ struct RawSegment {
     iv_tweak: u64,
     encryption: String,
     sector_size: u32,
+    /// dm-integrity tags interleaved with the data: not supported.
+    #[serde(default)]
+    integrity: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -531,6 +534,11 @@ impl Luks2Metadata {
             )));
         }
         check_cipher(&seg.encryption)?;
+        if seg.integrity.is_some() {
+            return Err(CryptError::Unsupported(
+                "authenticated encryption (segment integrity)".into(),
+            ));
+        }
         if !matches!(seg.sector_size, 512 | 1024 | 2048 | 4096) {
             return Err(CryptError::BadHeader(format!(
                 "sector size {}",
@@ -716,5 +724,69 @@ impl Luks2Metadata {
             af_hash: HashAlg::parse(&k.af.hash)?,
             priority: k.priority.unwrap_or(1),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"keyslots":{"0":{"type":"luks2","key_size":64,"af":{"type":"luks1","stripes":4000,"hash":"sha256"},"area":{"type":"raw","offset":"32768","size":"258048","encryption":"aes-xts-plain64","key_size":64},"kdf":{"type":"argon2id","time":4,"memory":1024,"cpus":1,"salt":"zbIKeEhIlwnIGRjpm/h6ncmnaIT5YVxxDG3oNfc6u2g="}}},"tokens":{},"segments":{"0":{"type":"crypt","offset":"16777216","size":"dynamic","iv_tweak":"0","encryption":"aes-xts-plain64","sector_size":4096}},"digests":{"0":{"type":"pbkdf2","keyslots":["0"],"segments":["0"],"hash":"sha256","iterations":1000,"salt":"bzRHt2Sv71+RegN6QeK2CA==","digest":"bzRHt2Sv71+RegN6QeK2CA=="}},"config":{"json_size":"12288","keyslots_size":"16744448"}}"#;
+
+    #[test]
+    fn parses_cryptsetup_metadata() {
+        let md = Luks2Metadata::parse(GOOD, 16384, Some(32 << 20)).unwrap();
+        assert_eq!(md.segment.offset, 16 << 20);
+        assert_eq!(md.segment.size, None);
+        assert_eq!(md.segment.sector_size, 4096);
+        assert_eq!(md.keyslots.len(), 1);
+        assert_eq!(md.keyslots[0].stripes, 4000);
+        assert!(matches!(
+            md.keyslots[0].kdf,
+            Kdf::Argon2 {
+                kind: Argon2Kind::Id,
+                time: 4,
+                memory_kib: 1024,
+                cpus: 1,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_honour() {
+        let bad = [
+            GOOD.replace(
+                r#""sector_size":4096"#,
+                r#""sector_size":4096,"integrity":{"type":"hmac(sha256)"}"#,
+            ),
+            GOOD.replace(r#""json_size":"12288""#, r#""json_size":"4096""#),
+            GOOD.replace(r#""offset":"16777216""#, r#""offset":"4096""#),
+            GOOD.replace(r#""stripes":4000"#, r#""stripes":0"#),
+            GOOD.replace(r#""cpus":1"#, r#""cpus":100000"#),
+            GOOD.replace(
+                "aes-xts-plain64\",\"sector",
+                "aes-cbc-essiv:sha256\",\"sector",
+            ),
+            GOOD.replace(
+                r#""keyslots_size":"16744448""#,
+                r#""keyslots_size":"18446744073709551615""#,
+            ),
+            GOOD.replace(r#""size":"258048""#, r#""size":"1""#),
+            GOOD.replace(r#""iterations":1000"#, r#""iterations":0"#),
+            GOOD.replace(
+                r#""config":{"#,
+                r#""config":{"requirements":{"mandatory":["online-reencrypt"]},"#,
+            ),
+        ];
+        for (i, text) in bad.iter().enumerate() {
+            assert_ne!(text, GOOD, "case {i} did not change the text");
+            assert!(
+                Luks2Metadata::parse(text, 16384, Some(32 << 20)).is_err(),
+                "case {i} was accepted"
+            );
+        }
+        assert!(Luks2Metadata::parse(GOOD, 16384, Some(1 << 20)).is_err());
+        assert!(Luks2Metadata::parse("{", 16384, None).is_err());
     }
 }
