@@ -31,6 +31,9 @@ pub enum DomainError {
     /// A mapping must grant read, write or both.
     #[error("a mapping needs read or write permission")]
     NoPermission,
+    /// The domain's page-table budget is exhausted (the range stays unmapped).
+    #[error("page-table budget of {0} tables exhausted")]
+    TooManyTables(usize),
     /// The guest-physical range wraps or exceeds the host address width.
     #[error("guest-physical range {gpa:#x}+{len:#x} is out of range")]
     GpaOutOfRange {
@@ -53,7 +56,12 @@ pub struct HostDomain {
     cfg: WalkConfig,
     tables: Vec<Option<Box<[u64; ENTRIES]>>>,
     free: Vec<usize>,
+    max_tables: usize,
 }
+
+/// Default page-table budget of a domain: 16384 tables (64 MiB), enough for
+/// 32 GiB mapped in 4 KiB pages and far more with large pages.
+pub const DEFAULT_MAX_TABLES: usize = 16384;
 
 impl HostDomain {
     /// An empty domain with the given table shape (3, 4 or 5 levels).
@@ -66,7 +74,15 @@ impl HostDomain {
             cfg,
             tables: vec![Some(Box::new([0; ENTRIES]))],
             free: Vec::new(),
+            max_tables: DEFAULT_MAX_TABLES,
         }
+    }
+
+    /// Limit the tables this domain may allocate (at least 5): a guest that
+    /// programs the domain (virtio-iommu) cannot make the host allocate more.
+    pub fn with_table_limit(mut self, max_tables: usize) -> Self {
+        self.max_tables = max_tables.max(5);
+        self
     }
 
     /// The table shape.
@@ -79,14 +95,18 @@ impl HostDomain {
         self.tables.len() - self.free.len()
     }
 
-    fn alloc(&mut self) -> usize {
-        if let Some(i) = self.free.pop() {
-            self.tables[i] = Some(Box::new([0; ENTRIES]));
-            i
-        } else {
-            self.tables.push(Some(Box::new([0; ENTRIES])));
-            self.tables.len() - 1
+    fn alloc(&mut self) -> Result<usize, DomainError> {
+        if self.table_count() >= self.max_tables {
+            return Err(DomainError::TooManyTables(self.max_tables));
         }
+        if let Some(i) = self.free.pop() {
+            if let Some(slot) = self.tables.get_mut(i) {
+                *slot = Some(Box::new([0; ENTRIES]));
+                return Ok(i);
+            }
+        }
+        self.tables.push(Some(Box::new([0; ENTRIES])));
+        Ok(self.tables.len() - 1)
     }
 
     fn release(&mut self, index: usize, level: u8) {
@@ -166,14 +186,20 @@ impl HostDomain {
                         && left >= s.bytes()
                 })
                 .unwrap_or(PageSize::Size4K);
-            self.set_leaf(a, SlEntry::page(g, size, perms), size);
+            if let Err(e) = self.set_leaf(a, SlEntry::page(g, size, perms), size) {
+                // Leave nothing half-mapped.
+                if a > iova {
+                    let _ = self.unmap(iova, a - iova);
+                }
+                return Err(e);
+            }
             a += size.bytes();
         }
         Ok(())
     }
 
     /// Write `leaf` for the page of `size` at `iova`, creating or splitting tables.
-    fn set_leaf(&mut self, iova: u64, leaf: SlEntry, size: PageSize) {
+    fn set_leaf(&mut self, iova: u64, leaf: SlEntry, size: PageSize) -> Result<(), DomainError> {
         let mut table = 0usize;
         let target = size.level();
         let mut level = self.cfg.levels;
@@ -187,15 +213,15 @@ impl HostDomain {
                     self.release((next >> 12) as usize, level - 1);
                 }
                 self.set(table, index, leaf.0);
-                return;
+                return Ok(());
             }
             let next = match kind {
                 Ok(SlKind::Table(next)) => (next >> 12) as usize,
                 Ok(SlKind::Page(gpa, psize)) => {
-                    self.split(table, index, level, gpa, psize, e.perms())
+                    self.split(table, index, level, gpa, psize, e.perms())?
                 }
                 _ => {
-                    let n = self.alloc();
+                    let n = self.alloc()?;
                     self.set(table, index, SlEntry::table((n as u64) << 12).0);
                     n
                 }
@@ -214,8 +240,8 @@ impl HostDomain {
         gpa: u64,
         size: PageSize,
         perms: Perms,
-    ) -> usize {
-        let n = self.alloc();
+    ) -> Result<usize, DomainError> {
+        let n = self.alloc()?;
         let small = PageSize::at_level(level - 1).unwrap_or(PageSize::Size4K);
         for i in 0..ENTRIES {
             let g = gpa + (i as u64) * small.bytes();
@@ -223,7 +249,7 @@ impl HostDomain {
         }
         debug_assert_eq!(size.level(), level);
         self.set(table, index, SlEntry::table((n as u64) << 12).0);
-        n
+        Ok(n)
     }
 
     /// Remove mappings in `iova..iova+len` (splitting large pages that straddle
@@ -231,11 +257,16 @@ impl HostDomain {
     /// invalidates IOTLBs afterwards.
     pub fn unmap(&mut self, iova: u64, len: u64) -> Result<(), DomainError> {
         let end = self.check_range(iova, len)?;
-        self.unmap_in(0, self.cfg.levels, iova, end);
-        Ok(())
+        self.unmap_in(0, self.cfg.levels, iova, end)
     }
 
-    fn unmap_in(&mut self, table: usize, level: u8, start: u64, end: u64) {
+    fn unmap_in(
+        &mut self,
+        table: usize,
+        level: u8,
+        start: u64,
+        end: u64,
+    ) -> Result<(), DomainError> {
         let shift = 12 + 9 * u32::from(level - 1);
         let span = 1u64 << shift;
         let mut a = start;
@@ -254,13 +285,16 @@ impl HostDomain {
                     self.set(table, index, 0);
                 }
                 Ok(SlKind::Page(gpa, size)) => {
-                    let n = self.split(table, index, level, gpa, size, e.perms());
-                    self.unmap_in(n, level - 1, a, cut);
+                    let n = self.split(table, index, level, gpa, size, e.perms())?;
+                    self.unmap_in(n, level - 1, a, cut)?;
                 }
-                Ok(SlKind::Table(next)) => self.unmap_in((next >> 12) as usize, level - 1, a, cut),
+                Ok(SlKind::Table(next)) => {
+                    self.unmap_in((next >> 12) as usize, level - 1, a, cut)?
+                }
             }
             a = cut;
         }
+        Ok(())
     }
 
     /// The page mapping `iova`, if any.
@@ -306,6 +340,17 @@ mod tests {
         assert!(d.map(!0xfff_u64, 0, 0x2000, Perms::READ).is_err());
         d.map(0x1000, 0x20_1000, 0x3000, Perms::READ).unwrap();
         assert_eq!(d.translate(0x3fff).unwrap().gpa_of(0x3fff), 0x20_3fff);
+    }
+
+    #[test]
+    fn table_budget_bounds_a_hostile_map() {
+        // 1 TiB in 4 KiB pages (GPA misaligned for large pages) would need
+        // half a million tables: refused, and nothing stays mapped.
+        let mut d = HostDomain::new(WalkConfig::FOUR_LEVEL).with_table_limit(64);
+        let r = d.map(0, 0x1000, 1 << 40, Perms::READ);
+        assert_eq!(r, Err(DomainError::TooManyTables(64)));
+        assert!(d.translate(0).is_err());
+        assert!(d.map(0, 0x1000, 0x10_0000, Perms::READ).is_ok());
     }
 
     #[test]

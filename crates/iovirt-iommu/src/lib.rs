@@ -65,7 +65,7 @@ pub mod virtio;
 pub mod vtd;
 mod walk;
 
-pub use domain::{DomainError, HostDomain};
+pub use domain::{DomainError, HostDomain, DEFAULT_MAX_TABLES};
 pub use entry::{ContextEntry, LargePages, RootEntry, SlEntry, SlKind, TranslationType};
 pub use fault::{Fault, FaultLog, FaultReason, FaultReporter};
 pub use iotlb::{Iotlb, IotlbStats};
