@@ -23,9 +23,10 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemory
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::domain::DomainError;
 use crate::fault::{Fault, FaultReason, FaultReporter};
 use crate::types::{Access, Perms, RequesterId};
-use crate::unit::{Attachment, Iommu};
+use crate::unit::{Attachment, Iommu, IommuError};
 use crate::walk::WalkConfig;
 use wire::*;
 
@@ -212,12 +213,18 @@ impl Backend {
                 }
                 let perms = Perms::from_bits_truncate((flags & 3) as u8);
                 if !perms.is_empty() {
-                    if let Err(e) =
-                        self.iommu
-                            .map(domain as u16, virt_start, phys_start, len, perms)
+                    match self
+                        .iommu
+                        .map(domain as u16, virt_start, phys_start, len, perms)
                     {
-                        log::debug!("virtio-iommu: MAP refused: {e}");
-                        return Status::Range;
+                        Ok(()) => {}
+                        Err(IommuError::Domain(DomainError::TooManyTables(_))) => {
+                            return Status::NoMem
+                        }
+                        Err(e) => {
+                            log::debug!("virtio-iommu: MAP refused: {e}");
+                            return Status::Range;
+                        }
                     }
                 }
                 dom.mappings
