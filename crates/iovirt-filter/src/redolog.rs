@@ -362,6 +362,9 @@ fn scan(
         if first != (repr.kind == RecordKind::Start) {
             break Some((pos, format!("unexpected {:?} record", repr.kind)));
         }
+        if repr.seq == u64::MAX {
+            break Some((pos, "sequence number at its limit".to_string()));
+        }
         if last_seq.is_some_and(|l| repr.seq <= l) {
             break Some((pos, format!("sequence number {} out of order", repr.seq)));
         }
@@ -679,6 +682,11 @@ impl Inner {
             })?;
         let mut st = self.lock();
         let seq = st.next_seq;
+        if seq == u64::MAX {
+            return Err(BlockError::Other(
+                "redo log: sequence numbers exhausted; merge or revert first".into(),
+            ));
+        }
         let time = self.clock.now_ns().max(st.last_time);
         let repr = RecordRepr {
             kind,
