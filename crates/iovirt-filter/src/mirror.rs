@@ -308,6 +308,8 @@ struct State {
     waiting: Vec<(Request, Completion)>,
     resync: Option<ResyncProgress>,
     resync_running: bool,
+    /// Children found behind when the mirror opened, waiting for their resync.
+    queued: Vec<usize>,
 }
 
 struct Inner {
@@ -488,6 +490,7 @@ impl Mirror {
                 waiting: Vec::new(),
                 resync: None,
                 resync_running: false,
+                queued: Vec::new(),
             }),
             cv: Condvar::new(),
             file,
@@ -496,11 +499,17 @@ impl Mirror {
         let m = Mirror { inner };
         if m.inner.opts.resync_on_open {
             let h = m.handle();
-            if let Some(c) = behind.into_iter().find(|&c| {
-                h.inner.lock().children.get(c).map(|k| k.state) == Some(ChildState::Failed)
-            }) {
-                log::info!("mirror: child {c} has dirty regions from before; resyncing it");
-                h.return_child(c)?;
+            let mut failed: Vec<usize> = behind
+                .into_iter()
+                .filter(|&c| {
+                    h.inner.lock().children.get(c).map(|k| k.state) == Some(ChildState::Failed)
+                })
+                .collect();
+            if !failed.is_empty() {
+                let first = failed.remove(0);
+                h.inner.lock().queued = failed;
+                log::info!("mirror: child {first} has dirty regions from before; resyncing it");
+                h.return_child(first)?;
             }
         }
         Ok(m)
@@ -1007,6 +1016,25 @@ impl Inner {
         }
         self.cv.notify_all();
         self.emit(ev);
+        // Children found behind at open take their turn.
+        let next = {
+            let mut st = self.lock();
+            if st.queued.is_empty() {
+                None
+            } else {
+                Some(st.queued.remove(0))
+            }
+        };
+        if let Some(c) = next {
+            let h = MirrorHandle {
+                inner: self.clone(),
+            };
+            log::info!("mirror: child {c} has dirty regions from before; resyncing it");
+            if let Err(e) = h.return_child(c) {
+                log::warn!("mirror: cannot resync child {c}: {e}");
+            }
+            self.cv.notify_all();
+        }
     }
 
     fn resync_regions(self: &Arc<Self>, target: usize, regions: &[u64]) -> Result<(), String> {
@@ -1247,11 +1275,11 @@ impl MirrorHandle {
         self.lock().resync.clone()
     }
 
-    /// Wait until no resync runs, or `timeout` passes; true if none runs.
+    /// Wait until no resync runs or is queued, or `timeout` passes; true if none is left.
     pub fn wait_resync(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
-        while st.resync_running {
+        while st.resync_running || !st.queued.is_empty() {
             let now = Instant::now();
             if now >= deadline {
                 return false;

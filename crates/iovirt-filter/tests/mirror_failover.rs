@@ -270,6 +270,58 @@ fn dirty_bitmap_survives_a_crash_and_drives_the_resync_on_open() {
 }
 
 #[test]
+fn every_child_behind_at_open_is_resynced_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let disks: Vec<_> = (0..3)
+        .map(|_| Arc::new(Inline(MemoryBackend::new(DISK))))
+        .collect();
+    let children = || -> Vec<Arc<dyn BlockBackend>> {
+        disks
+            .iter()
+            .map(|d| d.clone() as Arc<dyn BlockBackend>)
+            .collect()
+    };
+    let opts = MirrorOptions {
+        region_size: REGION,
+        bitmap: Some(dir.path().join("bitmap")),
+        ..MirrorOptions::default()
+    };
+    {
+        let m = Mirror::new(children(), opts.clone()).unwrap();
+        let ctl = m.handle();
+        ctl.fail_child(1).unwrap();
+        submit_wait(
+            &m,
+            Request::Write {
+                offset: 0,
+                buf: IoBuffers::from_vec(vec![1; 512]),
+                fua: false,
+            },
+        )
+        .unwrap();
+        ctl.fail_child(2).unwrap();
+        submit_wait(
+            &m,
+            Request::Write {
+                offset: REGION,
+                buf: IoBuffers::from_vec(vec![2; 512]),
+                fua: false,
+            },
+        )
+        .unwrap();
+    }
+    let m = Mirror::new(children(), opts).unwrap();
+    let ctl = m.handle();
+    assert!(ctl.wait_resync(Duration::from_secs(5)));
+    assert!(ctl
+        .status()
+        .iter()
+        .all(|s| s.state == ChildState::Healthy && s.dirty_regions == 0));
+    assert_eq!(disks[1].0.contents(), disks[0].0.contents());
+    assert_eq!(disks[2].0.contents(), disks[0].0.contents());
+}
+
+#[test]
 fn reads_spread_and_verify_reports_differences() {
     let a = Arc::new(Inline(MemoryBackend::new(DISK)));
     let b = Arc::new(Inline(MemoryBackend::new(DISK)));
