@@ -162,8 +162,8 @@ fn every_mistake_is_one_line_naming_the_node() {
         ("disk = 3".into(), "stack description: \"disk\" must be a table ([disk]), not a integer".into()),
         // Kinds.
         ("[disk]\nbackend = \"tape\"".into(), "disk: unknown back-end \"tape\" (expected file, memory, null or image)".into()),
-        ("[disk]\nfilter = \"zip\"".into(), "disk: unknown filter \"zip\" (expected fault or crypt)".into()),
-        ("[disk]\nsize = 1".into(), "disk: needs backend = (file, memory, null or image) or filter = (fault or crypt)".into()),
+        ("[disk]\nfilter = \"zip\"".into(), "disk: unknown filter \"zip\" (expected fault, crypt, mirror, redolog, concat, stripe or multipath)".into()),
+        ("[disk]\nsize = 1".into(), "disk: needs backend = (file, memory, null or image) or filter = (fault, crypt, mirror, redolog, concat, stripe or multipath)".into()),
         ("[disk]\nbackend = \"null\"\nfilter = \"fault\"".into(), "disk: give either backend = ... or filter = ..., not both".into()),
         // Options.
         ("[disk]\nbackend = \"memory\"\nsize = \"1M\"\ncolour = \"red\"".into(), "disk: unknown option \"colour\" for backend \"memory\" (expected backend, size)".into()),
