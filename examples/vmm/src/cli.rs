@@ -82,8 +82,10 @@ pub enum DiskInterface {
 /// One `--disk` option, parsed and validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
-    /// Image file.
+    /// Image file, or with `stack` a filter-stack description (TOML).
     pub path: PathBuf,
+    /// `path` is a filter-stack description (`stack=FILE.toml`), not an image.
+    pub stack: bool,
     /// Whether the guest may not write.
     pub readonly: bool,
     /// How the host page cache is used (`direct=on` is an alias of `cache=none`).
@@ -170,6 +172,7 @@ OPTIONS:
     --serial MODE         UART 0x3f8: stdio | null | file=PATH [default: stdio]
     --debugcon file=PATH  write the debug console (port 0x402, SeaBIOS's log) to PATH
     --disk path=FILE[,readonly=on][,cache=none|writethrough|writeback|unsafe][,serial=ID][,interface=virtio|ide]
+    --disk stack=FILE.toml[,serial=ID][,interface=virtio|ide]   (a filter stack: docs/FILTERS.md)
                           a disk (repeatable): virtio-blk-pci at 00:04.0 upward (default), or
                           an ATA disk on the IDE primary channel [default cache: none]
     --cdrom FILE          an ISO image in the ATAPI CD-ROM on the IDE secondary master
@@ -229,6 +232,8 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
         reason,
     };
     let mut path = None;
+    let mut stack = false;
+    let mut set_cache_or_ro = false;
     let mut readonly = false;
     let mut cache = CacheMode::None;
     let mut serial = None;
@@ -239,16 +244,31 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
             .ok_or_else(|| bad(format!("{item:?} is not key=value")))?;
         match k {
             "path" if v.is_empty() => return Err(bad("empty path".into())),
+            "path" | "stack" if path.is_some() => {
+                return Err(bad("give one of path=FILE or stack=FILE.toml".into()))
+            }
             "path" => path = Some(PathBuf::from(v)),
-            "readonly" => readonly = parse_on_off(k, v, value)?,
+            "stack" if v.is_empty() => return Err(bad("empty stack".into())),
+            "stack" => {
+                path = Some(PathBuf::from(v));
+                stack = true;
+            }
+            "readonly" => {
+                readonly = parse_on_off(k, v, value)?;
+                set_cache_or_ro = true;
+            }
             "direct" => {
+                set_cache_or_ro = true;
                 cache = if parse_on_off(k, v, value)? {
                     CacheMode::None
                 } else {
                     CacheMode::Writeback
                 }
             }
-            "cache" => cache = v.parse().map_err(bad)?,
+            "cache" => {
+                cache = v.parse().map_err(bad)?;
+                set_cache_or_ro = true;
+            }
             "interface" | "if" => {
                 interface = match v {
                     "virtio" => DiskInterface::Virtio,
@@ -261,9 +281,15 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
             _ => return Err(bad(format!("unknown key {k:?}"))),
         }
     }
-    let path = path.ok_or_else(|| bad("missing path=FILE".into()))?;
+    let path = path.ok_or_else(|| bad("missing path=FILE (or stack=FILE.toml)".into()))?;
+    if stack && set_cache_or_ro {
+        return Err(bad(
+            "readonly/cache/direct belong in the stack description, not beside stack=".into(),
+        ));
+    }
     Ok(DiskConfig {
         path,
+        stack,
         readonly,
         cache,
         serial,
@@ -475,6 +501,9 @@ mod tests {
             "path=/a,readonly=maybe",
             "path=/a,cache=fast",
             "path=/a,interface=scsi",
+            "stack=/a.toml,cache=none",
+            "stack=/a.toml,path=/b",
+            "stack=",
             "x",
         ] {
             assert!(

@@ -64,6 +64,14 @@ pub enum DiskError {
         /// Why.
         err: OpenError,
     },
+    /// The filter stack could not be validated or built.
+    #[error("disk stack {path}: {err}")]
+    Stack {
+        /// The stack description.
+        path: PathBuf,
+        /// Why.
+        err: iovirt_filter::stack::StackError,
+    },
     /// virtio-blk refused its configuration.
     #[error("virtio-blk for {path}: {err}")]
     Block {
@@ -197,6 +205,12 @@ pub struct Disks {
 }
 
 fn open_disk(d: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DiskError> {
+    if d.stack {
+        return iovirt_filter::stack::open_stack_file(&d.path).map_err(|err| DiskError::Stack {
+            path: d.path.clone(),
+            err,
+        });
+    }
     open_async(&d.path, d.cache, d.readonly, AsyncEngine::Auto).map_err(|err| DiskError::Open {
         path: d.path.clone(),
         err,

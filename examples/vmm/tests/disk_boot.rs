@@ -16,13 +16,24 @@ const WRITTEN: std::ops::Range<usize> = 16..24;
 /// Boot `disk_opts` (appended to `path=IMAGE,`) with the boot sector variant
 /// `defines`; returns the debug log and the image afterwards.
 fn boot_disk(test: &str, defines: &[&str], disk_opts: &str) -> Option<(String, Vec<u8>, Vec<u8>)> {
+    boot_disk_with(test, defines, |img, _| {
+        format!("path={},{disk_opts}", img.display())
+    })
+}
+
+/// As [`boot_disk`], with the `--disk` value made by `disk_for(image, dir)`.
+fn boot_disk_with(
+    test: &str,
+    defines: &[&str],
+    disk_for: impl Fn(&std::path::Path, &TempDir) -> String,
+) -> Option<(String, Vec<u8>, Vec<u8>)> {
     let fw = seabios_ready(test)?;
     let dir = TempDir::in_target(test);
     let boot = assemble(test, defines, &dir.path("boot.bin"))?;
     let img = dir.path("disk.img");
     pattern_image(&img, IMAGE_SIZE, &boot);
     let log = dir.path("debugcon.log");
-    let disk = format!("path={},{disk_opts}", img.display());
+    let disk = disk_for(&img, &dir);
     let debugcon = format!("file={}", log.display());
     let started = std::time::Instant::now();
     let (ok, text) = run_to_exit(
@@ -72,6 +83,31 @@ fn check_log(log: &str, found: &str, booting: &str) {
 #[test]
 fn virtio_blk_cache_none_int13_read_write() {
     let Some((log, img, boot)) = boot_disk("virtio_none", &[], "cache=none") else {
+        return;
+    };
+    check_log(
+        &log,
+        "found virtio-blk at 00:04.0",
+        "Booting from Hard Disk",
+    );
+    check_image(&img, &boot, WRITTEN);
+}
+
+#[test]
+fn virtio_blk_on_a_filter_stack_int13_read_write() {
+    // The disk is a stack description: a fault-injection filter (no rules) over the file.
+    let Some((log, img, boot)) = boot_disk_with("virtio_stack", &[], |img, dir| {
+        let toml = dir.path("disk.toml");
+        std::fs::write(
+            &toml,
+            format!(
+                "[disk]\nfilter = \"fault\"\n[disk.child]\nbackend = \"file\"\npath = \"{}\"\ncache = \"writeback\"\n",
+                img.display()
+            ),
+        )
+        .expect("write stack description");
+        format!("stack={}", toml.display())
+    }) else {
         return;
     };
     check_log(
