@@ -94,6 +94,9 @@ pub struct DiskConfig {
     pub serial: Option<String>,
     /// The controller.
     pub interface: DiskInterface,
+    /// I/O scheduling options (`reservation=`, `limit=`, `weight=`), validated;
+    /// when any disk has them, all disks share one mClock stage.
+    pub sched: Option<String>,
 }
 
 /// The whole configuration of a run.
@@ -173,6 +176,8 @@ OPTIONS:
     --debugcon file=PATH  write the debug console (port 0x402, SeaBIOS's log) to PATH
     --disk path=FILE[,readonly=on][,cache=none|writethrough|writeback|unsafe][,serial=ID][,interface=virtio|ide]
     --disk stack=FILE.toml[,serial=ID][,interface=virtio|ide]   (a filter stack: docs/FILTERS.md)
+           any --disk also takes [,reservation=IOPS][,limit=IOPS|none][,weight=W]: then every disk
+           goes through one shared mClock scheduling stage (docs/SCHEDULING.md)
                           a disk (repeatable): virtio-blk-pci at 00:04.0 upward (default), or
                           an ATA disk on the IDE primary channel [default cache: none]
     --cdrom FILE          an ISO image in the ATAPI CD-ROM on the IDE secondary master
@@ -234,6 +239,7 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
     let mut path = None;
     let mut stack = false;
     let mut set_cache_or_ro = false;
+    let mut sched: Vec<String> = Vec::new();
     let mut readonly = false;
     let mut cache = CacheMode::None;
     let mut serial = None;
@@ -276,6 +282,7 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
                     _ => return Err(bad(format!("interface={v:?} must be virtio or ide"))),
                 }
             }
+            "reservation" | "limit" | "weight" => sched.push(format!("{k}={v}")),
             "serial" if v.len() > 20 => return Err(bad("serial is longer than 20 bytes".into())),
             "serial" => serial = Some(v.to_string()),
             _ => return Err(bad(format!("unknown key {k:?}"))),
@@ -287,7 +294,17 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
             "readonly/cache/direct belong in the stack description, not beside stack=".into(),
         ));
     }
+    let sched = if sched.is_empty() {
+        None
+    } else {
+        let joined = sched.join(",");
+        joined
+            .parse::<iovirt_sched::ClientParams>()
+            .map_err(|e| bad(e.to_string()))?;
+        Some(joined)
+    };
     Ok(DiskConfig {
+        sched,
         path,
         stack,
         readonly,
@@ -504,6 +521,8 @@ mod tests {
             "stack=/a.toml,cache=none",
             "stack=/a.toml,path=/b",
             "stack=",
+            "path=/a,weight=0",
+            "path=/a,limit=fast",
             "x",
         ] {
             assert!(

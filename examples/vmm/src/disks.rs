@@ -38,6 +38,9 @@ use iovirt_bus::pci::{BarEvent, BarObserver, PciAddress, PciError, PciRoot};
 use iovirt_bus::{AddressSpace, Bus, BusError, InterruptLine, MsiSink};
 use iovirt_legacy::chipset::Piix3;
 use iovirt_legacy::ide::{Ide, IdeError, Slot, IDE_ADDRESS};
+use iovirt_sched::{
+    ClientId, ClientParams, MonotonicClock, SharedScheduler, StageConfig, TimerHandle,
+};
 use iovirt_virtio::block::{BlockConfig, BlockDeviceError, VirtioBlock};
 use iovirt_virtio::pci::{VirtioPciDevice, VirtioPciError, VIRTIO_BAR};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -64,6 +67,17 @@ pub enum DiskError {
         /// Why.
         err: OpenError,
     },
+    /// Scheduling options were refused.
+    #[error("disk {path}: {err}")]
+    Sched {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        err: iovirt_sched::SchedError,
+    },
+    /// The scheduler's timer thread could not start.
+    #[error("cannot start the I/O scheduler's timer thread: {0}")]
+    SchedTimer(std::io::Error),
     /// The filter stack could not be validated or built.
     #[error("disk stack {path}: {err}")]
     Stack {
@@ -202,6 +216,91 @@ pub struct DiskWiring<'a> {
 pub struct Disks {
     /// The IDE controller, when wired.
     pub ide: Option<Ide>,
+    /// The shared scheduling stage, when any disk has scheduling options.
+    pub sched: Option<Scheduled>,
+}
+
+/// The shared scheduling stage, its timer thread and its clients.
+pub struct Scheduled {
+    sched: Arc<SharedScheduler>,
+    _timer: TimerHandle,
+    clients: Mutex<Vec<(PathBuf, ClientId)>>,
+}
+
+impl Scheduled {
+    /// Log each disk's scheduling statistics (at exit).
+    pub fn log_stats(&self) {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        for (path, id) in clients.iter() {
+            if let Ok(st) = self.sched.stats(*id) {
+                log::info!(
+                    "{}: {} requests ({} in the reservation phase), {} errors, p50 {} us, p99 {} us",
+                    path.display(),
+                    st.completed,
+                    st.reservation_dispatches,
+                    st.errors,
+                    st.latency.percentile(0.5).unwrap_or(0) / 1000,
+                    st.latency.percentile(0.99).unwrap_or(0) / 1000
+                );
+            }
+        }
+    }
+}
+
+/// One mClock stage shared by every disk when any `--disk` has `reservation=`,
+/// `limit=` or `weight=`; disks without options get weight 1.
+struct Scheduling(Option<Scheduled>);
+
+impl Scheduling {
+    fn new(disks: &[DiskConfig]) -> Result<Self, DiskError> {
+        if disks.iter().all(|d| d.sched.is_none()) {
+            return Ok(Scheduling(None));
+        }
+        let sched = Arc::new(SharedScheduler::new(
+            StageConfig::default(),
+            Arc::new(MonotonicClock::default()),
+        ));
+        let timer = sched.spawn_timer().map_err(DiskError::SchedTimer)?;
+        Ok(Scheduling(Some(Scheduled {
+            sched,
+            _timer: timer,
+            clients: Mutex::new(Vec::new()),
+        })))
+    }
+
+    /// `backend`, behind the stage when there is one.
+    fn wrap(
+        &self,
+        d: &DiskConfig,
+        backend: Arc<dyn BlockBackend>,
+    ) -> Result<Arc<dyn BlockBackend>, DiskError> {
+        let Some(scheduled) = &self.0 else {
+            return Ok(backend);
+        };
+        let params = match &d.sched {
+            Some(s) => s.parse::<ClientParams>().map_err(|err| DiskError::Sched {
+                path: d.path.clone(),
+                err,
+            })?,
+            None => ClientParams::default(),
+        };
+        log::info!(
+            "{}: scheduled with reservation {} IOPS, limit {}, weight {}",
+            d.path.display(),
+            params.reservation,
+            params
+                .limit
+                .map_or("none".to_string(), |l| format!("{l} IOPS")),
+            params.weight
+        );
+        let stage = scheduled.sched.add_client(params, backend);
+        scheduled
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((d.path.clone(), stage.client()));
+        Ok(Arc::new(stage))
+    }
 }
 
 fn open_disk(d: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DiskError> {
@@ -226,6 +325,7 @@ pub fn attach(
     let ioeventfds = Arc::new(IoEventFds::new(w.vm.clone(), w.ioeventfd));
     w.pci.set_bar_observer(ioeventfds.clone());
     let mux = Arc::new(LevelMux::new(w.vm.clone()));
+    let scheduling = Scheduling::new(disks)?;
 
     // virtio-blk-pci, 00:04.0 upward.
     let virtio = disks
@@ -235,7 +335,7 @@ pub fn attach(
         if slot > LAST_SLOT {
             return Err(DiskError::TooMany("virtio", "PCI slots 4..=31 are full"));
         }
-        let backend = open_disk(d)?;
+        let backend = scheduling.wrap(d, open_disk(d)?)?;
         let cfg = BlockConfig {
             serial: d.serial.clone().unwrap_or_default().into_bytes(),
             ..Default::default()
@@ -288,7 +388,7 @@ pub fn attach(
             .iter()
             .zip([Slot::PRIMARY_MASTER, Slot::PRIMARY_SLAVE])
         {
-            ide.attach_disk(slot, open_disk(d)?)?;
+            ide.attach_disk(slot, scheduling.wrap(d, open_disk(d)?)?)?;
             log::info!("IDE {slot}: {}", d.path.display());
         }
         if let Some(iso) = cdrom {
@@ -310,5 +410,8 @@ pub fn attach(
         w.pci.add_function(IDE_ADDRESS, ide.pci_function())?;
         Some(ide)
     };
-    Ok(Disks { ide })
+    Ok(Disks {
+        ide,
+        sched: scheduling.0,
+    })
 }

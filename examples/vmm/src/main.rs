@@ -226,6 +226,9 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
     if let Some(ide) = &disks.ide {
         log::debug!("IDE idle at exit: {}", ide.is_idle());
     }
+    if let Some(sched) = &disks.sched {
+        sched.log_stats();
+    }
     if let Some(path) = &cfg.trap_stats {
         if let Err(e) = stats::write(path, &pio, &mmio) {
             eprintln!(

@@ -119,6 +119,24 @@ fn virtio_blk_on_a_filter_stack_int13_read_write() {
 }
 
 #[test]
+fn virtio_blk_through_the_mclock_stage_int13_read_write() {
+    // Scheduling options put the disk behind the shared mClock stage.
+    let Some((log, img, boot)) = boot_disk(
+        "virtio_sched",
+        &[],
+        "cache=none,reservation=50,limit=5000,weight=2",
+    ) else {
+        return;
+    };
+    check_log(
+        &log,
+        "found virtio-blk at 00:04.0",
+        "Booting from Hard Disk",
+    );
+    check_image(&img, &boot, WRITTEN);
+}
+
+#[test]
 fn virtio_blk_cache_writeback_int13_read_write() {
     let Some((log, img, boot)) = boot_disk(
         "virtio_writeback",
