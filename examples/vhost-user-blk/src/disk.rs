@@ -33,6 +33,13 @@ pub enum DiskSpec {
         /// Capacity in bytes.
         size: u64,
     },
+    /// `stack=FILE.toml`: an `iovirt-filter` stack (docs/FILTERS.md), the same
+    /// description `iovirt-vmm --disk stack=` takes. Read-only and cache modes
+    /// belong in the description, so `readonly=` and `cache=` are refused here.
+    Stack {
+        /// The stack description.
+        path: PathBuf,
+    },
 }
 
 /// Parse `64M`, `1G`, `4096`, `2T` (binary units).
@@ -63,7 +70,10 @@ impl std::str::FromStr for DiskSpec {
     fn from_str(spec: &str) -> Result<Self, Error> {
         let mut kind = None;
         let mut path = None;
+        let mut stack = None;
         let mut size = None;
+        let mut engine_set = false;
+        let mut read_only_set = false;
         let mut read_only = false;
         let mut cache = None;
         let mut engine = AsyncEngine::Auto;
@@ -72,18 +82,42 @@ impl std::str::FromStr for DiskSpec {
                 None if item == "null" || item == "memory" => kind = Some(item),
                 None => return Err(Error::Usage(format!("--disk: unknown item {item:?}"))),
                 Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                Some(("stack", p)) if !p.is_empty() => stack = Some(PathBuf::from(p)),
+                Some(("stack", _)) => {
+                    return Err(Error::Usage("--disk stack=: expected a file name".into()))
+                }
                 Some(("size", s)) => {
                     size = Some(parse_size(s).ok_or_else(|| {
                         Error::Usage(format!("--disk size={s}: not a size (e.g. 64M, 1G)"))
                     })?)
                 }
-                Some(("readonly", v)) => read_only = on_off("readonly", v)?,
+                Some(("readonly", v)) => {
+                    read_only = on_off("readonly", v)?;
+                    read_only_set = true;
+                }
                 Some(("cache", v)) => cache = Some(v.parse::<CacheMode>().map_err(Error::Usage)?),
-                Some(("engine", v)) => engine = v.parse::<AsyncEngine>().map_err(Error::Usage)?,
+                Some(("engine", v)) => {
+                    engine = v.parse::<AsyncEngine>().map_err(Error::Usage)?;
+                    engine_set = true;
+                }
                 Some((k, v)) => {
                     return Err(Error::Usage(format!("--disk: unknown option {k}={v}")))
                 }
             }
+        }
+        if let Some(stack) = stack {
+            if kind.is_some() || path.is_some() {
+                return Err(Error::Usage(
+                    "--disk: give one of stack=FILE.toml, path=FILE, null or memory".into(),
+                ));
+            }
+            if read_only_set || cache.is_some() || engine_set || size.is_some() {
+                return Err(Error::Usage(format!(
+                    "--disk stack={}: readonly/cache/engine/size belong in the stack description, not beside stack=",
+                    stack.display()
+                )));
+            }
+            return Ok(DiskSpec::Stack { path: stack });
         }
         match (kind, path) {
             (None, Some(path)) => {
@@ -112,7 +146,7 @@ impl std::str::FromStr for DiskSpec {
             }
             (Some(_), Some(_)) => Err(Error::Usage("--disk: give either path= or null/memory, not both".into())),
             (None, None) => Err(Error::Usage(
-                "--disk: expected path=FILE[,readonly=on][,cache=MODE], null[,size=N] or memory,size=N".into(),
+                "--disk: expected path=FILE[,readonly=on][,cache=MODE], stack=FILE.toml, null[,size=N] or memory,size=N".into(),
             )),
         }
     }
@@ -138,6 +172,12 @@ impl DiskSpec {
                     )));
                 }
                 Arc::new(Inline(MemoryBackend::new(*size)))
+            }
+            DiskSpec::Stack { path } => {
+                iovirt_filter::stack::open_stack_file(path).map_err(|source| Error::Stack {
+                    path: path.clone(),
+                    source,
+                })?
             }
         })
     }
@@ -172,6 +212,29 @@ mod tests {
         assert!("path=/x,cache=fast".parse::<DiskSpec>().is_err());
         assert!("null,cache=none".parse::<DiskSpec>().is_err());
         assert!("null,size=1Z".parse::<DiskSpec>().is_err());
+        assert_eq!(
+            "stack=/s/vda.toml".parse::<DiskSpec>().unwrap(),
+            DiskSpec::Stack {
+                path: "/s/vda.toml".into()
+            }
+        );
+        for bad in [
+            "stack=",
+            "stack=/a.toml,readonly=on",
+            "stack=/a.toml,readonly=off",
+            "stack=/a.toml,cache=none",
+            "stack=/a.toml,engine=threads",
+            "stack=/a.toml,size=1M",
+            "stack=/a.toml,path=/b",
+            "stack=/a.toml,null",
+        ] {
+            assert!(bad.parse::<DiskSpec>().is_err(), "{bad} was accepted");
+        }
+        let e = "stack=/a.toml,cache=none"
+            .parse::<DiskSpec>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("belong in the stack description"), "{e}");
         assert_eq!(parse_size("16E"), None);
         assert_eq!(parse_size("20000000T"), None);
     }

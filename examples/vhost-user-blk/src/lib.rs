@@ -9,7 +9,8 @@
 //! crate runs iovirt-virtio's virtio-blk queue processing on the shared rings,
 //! which parses each request and submits it asynchronously to an
 //! `iovirt-backend` [`BlockBackend`](iovirt_backend::BlockBackend) (raw file
-//! with a cache mode, memory, null), keeping many requests in flight.
+//! with a cache mode, memory, null, or an `iovirt-filter` stack described in a
+//! TOML file: `--disk stack=FILE.toml`), keeping many requests in flight.
 //!
 //! It must never trust the frontend or the guest: malformed rings and requests
 //! complete with an error status and a log line, never a panic; a frontend that
@@ -46,6 +47,16 @@ pub enum Error {
     /// The disk could not be opened.
     #[error(transparent)]
     Open(#[from] iovirt_backend::OpenError),
+    /// A filter stack description is invalid or could not be built; the
+    /// message names the node (`vda.child: ...`).
+    #[error("--disk stack={}: {source}", path.display())]
+    Stack {
+        /// The stack description file.
+        path: PathBuf,
+        /// What the stack builder said.
+        #[source]
+        source: iovirt_filter::stack::StackError,
+    },
     /// The socket could not be created.
     #[error("cannot listen on {path}: {source}")]
     Listen {

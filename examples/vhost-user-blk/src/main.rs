@@ -4,7 +4,7 @@
 //! iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID]
 //! ```
 //! SPEC is `path=FILE[,readonly=on][,cache=none|writethrough|writeback|unsafe][,engine=auto|io_uring|threads]`,
-//! `null[,size=1G]` or `memory,size=64M`. Log level: `RUST_LOG` (default `info`).
+//! `stack=FILE.toml` (an iovirt-filter stack, docs/FILTERS.md), `null[,size=1G]` or `memory,size=64M`. Log level: `RUST_LOG` (default `info`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +15,7 @@ use iovirt_vhost_user_blk::Error;
 
 const USAGE: &str = "usage: iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID] [--poll-us N] [--connections N]
   --disk path=FILE[,readonly=on][,cache=none|writethrough|writeback|unsafe][,engine=auto|io_uring|threads]
+  --disk stack=FILE.toml     a filter stack (docs/FILTERS.md); readonly/cache go in the file
   --disk null[,size=1G]      a disk that stores nothing (benchmarks)
   --disk memory,size=64M     a zero-filled disk in memory
   --queues N                 request queues (default 1, at most 64)
