@@ -7,9 +7,14 @@
 //! 4 KiB (by default) random reads and writes at each queue depth for a fixed
 //! time and reports IOPS and latency percentiles as text and JSON.
 //!
+//! With `--cpu-pid PID` (the daemon's process id) it also reads the daemon's
+//! CPU time (utime + stime of all its threads, `/proc/PID/stat`) at the start
+//! and end of each job's measured window and reports the daemon's CPU-seconds
+//! and IOPS per daemon CPU-second ("IOPS per core").
+//!
 //! ```text
 //! iovirt-blk-loadgen --socket PATH [--duration 5] [--depths 1,32] [--ops randread,randwrite]
-//!                    [--bs 4096] [--label NAME] [--json FILE]
+//!                    [--bs 4096] [--label NAME] [--json FILE] [--cpu-pid PID]
 //! ```
 
 use std::mem::MaybeUninit;
@@ -19,7 +24,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, ReqFlags};
 use serde::Serialize;
 
-const USAGE: &str = "usage: iovirt-blk-loadgen --socket PATH [--duration SECS] [--depths 1,32] [--ops randread,randwrite] [--bs 4096] [--label NAME] [--json FILE]";
+const USAGE: &str = "usage: iovirt-blk-loadgen --socket PATH [--duration SECS] [--depths 1,32] [--ops randread,randwrite] [--bs 4096] [--label NAME] [--json FILE] [--cpu-pid PID]";
 
 /// Why a run failed; printed as one line.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +79,21 @@ struct Args {
     bs: usize,
     label: String,
     json: Option<String>,
+    cpu_pid: Option<u32>,
+}
+
+/// CPU time in seconds (user + system, all threads, live and exited) of process `pid`.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    // After ')': state is field 3, utime field 14, stime field 15.
+    let utime: u64 = f.nth(11)?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (tick > 0).then(|| (utime + stime) as f64 / tick as f64)
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -85,6 +105,7 @@ fn parse_args() -> Result<Args, Error> {
         bs: 4096,
         label: String::new(),
         json: None,
+        cpu_pid: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -122,6 +143,15 @@ fn parse_args() -> Result<Args, Error> {
             }
             "--label" => a.label = v.clone(),
             "--json" => a.json = Some(v.clone()),
+            "--cpu-pid" => {
+                let pid = v.parse::<u32>().map_err(|_| bad())?;
+                if process_cpu_seconds(pid).is_none() {
+                    return Err(Error::Usage(format!(
+                        "--cpu-pid {pid}: cannot read /proc/{pid}/stat"
+                    )));
+                }
+                a.cpu_pid = Some(pid);
+            }
             _ => return Err(Error::Usage(format!("unknown argument {k:?}\n{USAGE}"))),
         }
     }
@@ -147,6 +177,12 @@ struct JobResult {
     lat_p99_us: f64,
     lat_p999_us: f64,
     lat_max_us: f64,
+    /// The daemon's CPU-seconds in the measured window (with `--cpu-pid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daemon_cpu_s: Option<f64>,
+    /// IOPS per daemon CPU-second: I/Os / daemon CPU-seconds (with `--cpu-pid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iops_per_cpu_s: Option<f64>,
 }
 
 /// xorshift64*: cheap, good enough to spread offsets.
@@ -202,7 +238,8 @@ impl Rig {
         let measure_from = t0 + Duration::from_millis(200);
         let end = measure_from + a.duration;
         let mut measured_start = None;
-        loop {
+        let mut cpu_start = None;
+        let cpu_end = loop {
             let n = blk(
                 "waiting for completions",
                 self.q.do_io(&mut done, 1, None, None),
@@ -212,6 +249,7 @@ impl Rig {
             let measuring = now >= measure_from;
             if measuring && measured_start.is_none() {
                 measured_start = Some(now);
+                cpu_start = a.cpu_pid.and_then(process_cpu_seconds);
             }
             let stop = now >= end;
             for c in done.iter().take(n) {
@@ -235,9 +273,9 @@ impl Rig {
                 }
             }
             if stop {
-                break;
+                break a.cpu_pid.and_then(process_cpu_seconds);
             }
-        }
+        };
         // Drain what is still in flight, so the next job starts from an idle queue.
         while inflight > 0 {
             let n = blk("draining", self.q.do_io(&mut done, 1, None, None))?;
@@ -252,6 +290,8 @@ impl Rig {
             lats.iter().map(|&l| f64::from(l)).sum::<f64>() / lats.len() as f64 / 1000.0
         };
         let iops = if secs > 0.0 { ios as f64 / secs } else { 0.0 };
+        let daemon_cpu_s = cpu_start.zip(cpu_end).map(|(s, e)| (e - s).max(0.0));
+        let iops_per_cpu_s = daemon_cpu_s.filter(|c| *c > 0.0).map(|c| ios as f64 / c);
         Ok(JobResult {
             label: a.label.clone(),
             op,
@@ -266,6 +306,8 @@ impl Rig {
             lat_p99_us: percentile(&lats, 0.99),
             lat_p999_us: percentile(&lats, 0.999),
             lat_max_us: lats.last().map_or(0.0, |&l| f64::from(l) / 1000.0),
+            daemon_cpu_s,
+            iops_per_cpu_s,
         })
     }
 }
@@ -322,6 +364,12 @@ fn run() -> Result<(), Error> {
                 r.label, format!("{:?}", r.op).to_lowercase(), r.block_size, r.queue_depth, r.iops, r.mib_per_s,
                 r.lat_mean_us, r.lat_p50_us, r.lat_p99_us, r.lat_p999_us, r.lat_max_us
             );
+            if let (Some(c), Some(k)) = (r.daemon_cpu_s, r.iops_per_cpu_s) {
+                println!(
+                    "{:<12} daemon CPU {c:.2} s, {k:.0} IOPS per daemon CPU-second",
+                    r.label
+                );
+            }
             results.push(r);
         }
     }
