@@ -15,6 +15,7 @@
 pub mod aggregate;
 pub mod crypt;
 pub mod fault;
+pub mod migrate;
 pub mod mirror;
 pub mod multipath;
 pub mod redolog;
