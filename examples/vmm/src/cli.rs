@@ -126,6 +126,8 @@ pub struct Config {
     pub trap_stats: Option<PathBuf>,
     /// KVM device node (tests point it at a missing path).
     pub kvm_device: PathBuf,
+    /// Unix socket for the JSON-lines control interface (docs/CONTROL.md).
+    pub control: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -143,6 +145,7 @@ impl Default for Config {
             cdrom: None,
             trap_stats: None,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
+            control: None,
         }
     }
 }
@@ -183,6 +186,9 @@ OPTIONS:
     --cdrom FILE          an ISO image in the ATAPI CD-ROM on the IDE secondary master
     --trap-stats FILE     write per-device PIO/MMIO trap counters, KVM exits and interrupt
                           counts as JSON to FILE when the VM stops
+    --control PATH        serve the JSON-lines control interface on a unix socket at PATH:
+                          disks, scheduling statistics and parameters, filter-stack controls
+                          (docs/CONTROL.md)
     --kvm-device PATH     KVM device node [default: /dev/kvm]
     -h, --help            print this help
 
@@ -351,6 +357,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--cdrom" => "--cdrom",
             "--trap-stats" => "--trap-stats",
             "--kvm-device" => "--kvm-device",
+            "--control" => "--control",
             _ => return Err(CliError::UnknownOption(arg)),
         };
         let value = match inline {
@@ -400,6 +407,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             }
             "--trap-stats" => cfg.trap_stats = Some(PathBuf::from(value)),
             "--kvm-device" => cfg.kvm_device = PathBuf::from(value),
+            "--control" if value.is_empty() => return Err(CliError::MissingValue("--control")),
+            "--control" => cfg.control = Some(PathBuf::from(value)),
             _ => unreachable!("every option name is matched above"),
         }
     }
@@ -470,6 +479,8 @@ mod tests {
             "--cdrom",
             "/cd.iso",
             "--trap-stats=/tmp/t.json",
+            "--control",
+            "/tmp/c.sock",
         ]);
         assert_eq!(c.mem, 1 << 30);
         assert_eq!(c.cpus, 2);
@@ -486,7 +497,13 @@ mod tests {
         assert_eq!(c.disks[2].interface, DiskInterface::Ide);
         assert_eq!(c.cdrom, Some("/cd.iso".into()));
         assert_eq!(c.trap_stats, Some("/tmp/t.json".into()));
+        assert_eq!(c.control, Some("/tmp/c.sock".into()));
         assert_eq!(p(&["--help"]), Ok(Command::Help));
+        assert_eq!(p(&["--control="]), Err(CliError::MissingValue("--control")));
+        assert_eq!(
+            p(&["--control", "/a", "--control", "/b"]),
+            Err(CliError::Repeated("--control"))
+        );
     }
 
     #[test]

@@ -218,6 +218,20 @@ pub struct Disks {
     pub ide: Option<Ide>,
     /// The shared scheduling stage, when any disk has scheduling options.
     pub sched: Option<Scheduled>,
+    /// Every `--disk`, in command-line order (the control socket's disk index).
+    pub list: Vec<DiskEntry>,
+}
+
+/// One `--disk` as wired: what the control socket can reach of it.
+pub struct DiskEntry {
+    /// The image, or the stack description.
+    pub path: PathBuf,
+    /// The controller it hangs off.
+    pub interface: DiskInterface,
+    /// The filter stack with its control handles, for `stack=` disks.
+    pub stack: Option<iovirt_filter::stack::Stack>,
+    /// Its client in the shared scheduling stage, when there is one.
+    pub client: Option<ClientId>,
 }
 
 /// The shared scheduling stage, its timer thread and its clients.
@@ -228,6 +242,11 @@ pub struct Scheduled {
 }
 
 impl Scheduled {
+    /// The stage (run-time parameters and statistics).
+    pub fn scheduler(&self) -> &Arc<SharedScheduler> {
+        &self.sched
+    }
+
     /// Log each disk's scheduling statistics (at exit).
     pub fn log_stats(&self) {
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
@@ -268,14 +287,14 @@ impl Scheduling {
         })))
     }
 
-    /// `backend`, behind the stage when there is one.
+    /// `backend`, behind the stage when there is one (with its client id).
     fn wrap(
         &self,
         d: &DiskConfig,
         backend: Arc<dyn BlockBackend>,
-    ) -> Result<Arc<dyn BlockBackend>, DiskError> {
+    ) -> Result<(Arc<dyn BlockBackend>, Option<ClientId>), DiskError> {
         let Some(scheduled) = &self.0 else {
-            return Ok(backend);
+            return Ok((backend, None));
         };
         let params = match &d.sched {
             Some(s) => s.parse::<ClientParams>().map_err(|err| DiskError::Sched {
@@ -294,26 +313,49 @@ impl Scheduling {
             params.weight
         );
         let stage = scheduled.sched.add_client(params, backend);
+        let client = stage.client();
         scheduled
             .clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((d.path.clone(), stage.client()));
-        Ok(Arc::new(stage))
+            .push((d.path.clone(), client));
+        Ok((Arc::new(stage), Some(client)))
     }
 }
 
-fn open_disk(d: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DiskError> {
-    if d.stack {
-        return iovirt_filter::stack::open_stack_file(&d.path).map_err(|err| DiskError::Stack {
-            path: d.path.clone(),
-            err,
-        });
-    }
-    open_async(&d.path, d.cache, d.readonly, AsyncEngine::Auto).map_err(|err| DiskError::Open {
+/// Open `d` (its stack kept for run-time control), put it behind the
+/// scheduling stage when there is one, and record it in `list`.
+fn open_disk(
+    d: &DiskConfig,
+    scheduling: &Scheduling,
+    list: &mut Vec<DiskEntry>,
+) -> Result<Arc<dyn BlockBackend>, DiskError> {
+    let (backend, stack) = if d.stack {
+        let stack = iovirt_filter::stack::StackSpec::from_file(&d.path)
+            .and_then(|spec| spec.build_stack())
+            .map_err(|err| DiskError::Stack {
+                path: d.path.clone(),
+                err,
+            })?;
+        (stack.backend.clone(), Some(stack))
+    } else {
+        let backend =
+            open_async(&d.path, d.cache, d.readonly, AsyncEngine::Auto).map_err(|err| {
+                DiskError::Open {
+                    path: d.path.clone(),
+                    err,
+                }
+            })?;
+        (backend, None)
+    };
+    let (backend, client) = scheduling.wrap(d, backend)?;
+    list.push(DiskEntry {
         path: d.path.clone(),
-        err,
-    })
+        interface: d.interface,
+        stack,
+        client,
+    });
+    Ok(backend)
 }
 
 /// Attach every `--disk` and the `--cdrom`.
@@ -326,16 +368,24 @@ pub fn attach(
     w.pci.set_bar_observer(ioeventfds.clone());
     let mux = Arc::new(LevelMux::new(w.vm.clone()));
     let scheduling = Scheduling::new(disks)?;
+    // Opened in command-line order, so a disk's index is its place on the command line.
+    let mut list = Vec::new();
+    let mut backends = Vec::new();
+    for d in disks {
+        backends.push(open_disk(d, &scheduling, &mut list)?);
+    }
+    let opened = |i: usize| backends[i].clone();
 
     // virtio-blk-pci, 00:04.0 upward.
     let virtio = disks
         .iter()
-        .filter(|d| d.interface == DiskInterface::Virtio);
-    for (slot, d) in (FIRST_VIRTIO_SLOT..).zip(virtio) {
+        .enumerate()
+        .filter(|(_, d)| d.interface == DiskInterface::Virtio);
+    for (slot, (i, d)) in (FIRST_VIRTIO_SLOT..).zip(virtio) {
         if slot > LAST_SLOT {
             return Err(DiskError::TooMany("virtio", "PCI slots 4..=31 are full"));
         }
-        let backend = scheduling.wrap(d, open_disk(d)?)?;
+        let backend = opened(i);
         let cfg = BlockConfig {
             serial: d.serial.clone().unwrap_or_default().into_bytes(),
             ..Default::default()
@@ -368,9 +418,10 @@ pub fn attach(
     }
 
     // PIIX3 IDE at 00:01.1: ATA disks on the primary channel, the CD-ROM on the secondary master.
-    let ide_disks: Vec<&DiskConfig> = disks
+    let ide_disks: Vec<(usize, &DiskConfig)> = disks
         .iter()
-        .filter(|d| d.interface == DiskInterface::Ide)
+        .enumerate()
+        .filter(|(_, d)| d.interface == DiskInterface::Ide)
         .collect();
     if ide_disks.len() > 2 {
         return Err(DiskError::TooMany(
@@ -384,11 +435,11 @@ pub fn attach(
         let line =
             |gsi: u32| -> Arc<dyn InterruptLine> { Arc::new(KvmIrqLine::new(w.vm.clone(), gsi)) };
         let ide = Ide::new(Arc::new(w.ram.clone()), line(14), line(15));
-        for (d, slot) in ide_disks
+        for ((i, d), slot) in ide_disks
             .iter()
             .zip([Slot::PRIMARY_MASTER, Slot::PRIMARY_SLAVE])
         {
-            ide.attach_disk(slot, scheduling.wrap(d, open_disk(d)?)?)?;
+            ide.attach_disk(slot, opened(*i))?;
             log::info!("IDE {slot}: {}", d.path.display());
         }
         if let Some(iso) = cdrom {
@@ -413,5 +464,6 @@ pub fn attach(
     Ok(Disks {
         ide,
         sched: scheduling.0,
+        list,
     })
 }

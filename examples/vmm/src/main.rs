@@ -11,6 +11,7 @@
 
 mod boot;
 mod cli;
+mod control;
 mod devices;
 mod disks;
 mod irq;
@@ -50,6 +51,8 @@ enum VmmError {
     Memory { size: u64, err: String },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("control socket {path}: {err}")]
+    Control { path: String, err: std::io::Error },
     #[error("{0}")]
     Guest(String),
 }
@@ -154,7 +157,7 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
     )?;
     let msi: Arc<dyn iovirt_bus::MsiSink> =
         Arc::new(irq::KvmMsiRouter::new(vm.fd.clone(), vm.msi_routing));
-    let disks = disks::attach(
+    let mut disks = disks::attach(
         &disks::DiskWiring {
             vm: &vm.fd,
             ram: &ram,
@@ -167,6 +170,23 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
         &cfg.disks,
         cfg.cdrom.as_deref(),
     )?;
+
+    // The control socket (removed again when `_control` drops).
+    let _control = match &cfg.control {
+        Some(path) => {
+            let control = control::Control::new(
+                std::mem::take(&mut disks.list),
+                disks.sched.as_ref().map(|s| s.scheduler().clone()),
+            );
+            let server =
+                control::start(path, Arc::new(control)).map_err(|err| VmmError::Control {
+                    path: path.display().to_string(),
+                    err,
+                })?;
+            Some(server)
+        }
+        None => None,
+    };
 
     // vCPUs.
     vcpu::install_kick_handler()?;
