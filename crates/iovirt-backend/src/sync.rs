@@ -90,7 +90,10 @@ impl<S: SyncBackend + 'static> ThreadPool<S> {
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
             let rx = rx.clone();
-            let be = inner.clone();
+            // Workers hold the back-end only while they run a request, so
+            // dropping the pool closes it at once, even when the last
+            // reference goes away inside a completion on a worker.
+            let be = Arc::downgrade(&inner);
             workers.push(
                 thread::Builder::new()
                     .name(format!("{name}-{i}"))
@@ -101,7 +104,10 @@ impl<S: SyncBackend + 'static> ThreadPool<S> {
                         };
                         match job {
                             Ok((req, done)) => {
-                                let r = be.execute(&req);
+                                let r = match be.upgrade() {
+                                    Some(be) => be.execute(&req),
+                                    None => Err(BlockError::Dropped),
+                                };
                                 drop(req);
                                 done.complete(r);
                             }
