@@ -686,3 +686,424 @@ fn completions_on_other_threads_write_the_event() {
     assert_eq!(r.status(), VIRTIO_BLK_S_OK);
     assert_eq!(used(&vq, 0), (0, 1));
 }
+
+// ---------------------------------------------------------------------------
+// Virtual interrupt coalescing (vIC).
+
+/// A back-end that holds every request until the test completes it.
+#[derive(Default)]
+struct Held(std::sync::Mutex<std::collections::VecDeque<iovirt_backend::Completion>>);
+
+impl iovirt_backend::BlockBackend for Held {
+    fn info(&self) -> iovirt_backend::BlockInfo {
+        iovirt_backend::BlockInfo {
+            capacity: 1 << 20,
+            logical_block_size: 512,
+            physical_block_size: 512,
+            features: iovirt_backend::Features::empty(),
+        }
+    }
+    fn submit(&self, _req: iovirt_backend::Request, done: iovirt_backend::Completion) {
+        self.0.lock().unwrap().push_back(done);
+    }
+}
+
+impl Held {
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    /// Complete the `n` oldest requests on another thread.
+    fn complete(&self, n: usize) {
+        let done: Vec<_> = {
+            let mut q = self.0.lock().unwrap();
+            let n = n.min(q.len());
+            q.drain(..n).collect()
+        };
+        std::thread::spawn(move || {
+            for d in done {
+                d.complete(Ok(()));
+            }
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+/// Records the used index at every interrupt.
+struct RecordingIrq {
+    mem: GuestMemoryMmap,
+    seen: std::sync::Mutex<Vec<u16>>,
+}
+impl VirtioInterrupt for RecordingIrq {
+    fn signal_used_queue(&self, _q: u16) -> Result<(), InterruptError> {
+        let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        self.seen.lock().unwrap().push(idx);
+        Ok(())
+    }
+    fn signal_config_change(&self) -> Result<(), InterruptError> {
+        Ok(())
+    }
+}
+impl RecordingIrq {
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+    fn last(&self) -> Option<u16> {
+        self.seen.lock().unwrap().last().copied()
+    }
+}
+
+const VQ: u16 = 64;
+
+/// A closed-loop guest on a 64-entry queue: flush requests in slots of two
+/// descriptors, its own avail ring bookkeeping (the mock's does not wrap).
+struct Guest {
+    mem: GuestMemoryMmap,
+    vq: MockSplitQueue<'static, GuestMemoryMmap>,
+    avail: u16,
+    reaped: u16,
+    event_idx: bool,
+}
+
+impl Guest {
+    fn new(mem: &GuestMemoryMmap, event_idx: bool) -> Self {
+        MEM.with(|m| *m.borrow_mut() = Some(mem.clone()));
+        let leaked: &'static GuestMemoryMmap = Box::leak(Box::new(mem.clone()));
+        let g = Guest {
+            mem: mem.clone(),
+            vq: MockSplitQueue::new(leaked, VQ),
+            avail: 0,
+            reaped: 0,
+            event_idx,
+        };
+        let mut b = [0u8; 16];
+        b[0..4].copy_from_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes());
+        mem.write_slice(&b, GuestAddress(HDR)).unwrap();
+        if event_idx {
+            g.set_used_event(0);
+        }
+        g
+    }
+
+    fn queue(&self) -> Queue {
+        let mut q: Queue = self.vq.create_queue().unwrap();
+        q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+        q.set_event_idx(self.event_idx);
+        q
+    }
+
+    fn set_used_event(&self, v: u16) {
+        let a = self.vq.avail_addr().0 + 4 + 2 * u64::from(VQ);
+        self.mem.write_obj(v.to_le(), GuestAddress(a)).unwrap();
+    }
+
+    /// Post a flush request in `slot` (descriptors 2*slot and 2*slot+1).
+    fn post(&mut self, slot: u16) {
+        let d = slot * 2;
+        let t = self.vq.desc_table();
+        t.store(
+            d,
+            RawDescriptor::from(SplitDescriptor::new(HDR, 16, F_NEXT, d + 1)),
+        )
+        .unwrap();
+        t.store(
+            d + 1,
+            RawDescriptor::from(SplitDescriptor::new(
+                STATUS + u64::from(slot),
+                1,
+                F_WRITE,
+                0,
+            )),
+        )
+        .unwrap();
+        let ring = self.vq.avail_addr().0 + 4 + 2 * u64::from(self.avail % VQ);
+        self.mem.write_obj(d.to_le(), GuestAddress(ring)).unwrap();
+        self.avail = self.avail.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail.to_le(), GuestAddress(self.vq.avail_addr().0 + 2))
+            .unwrap();
+    }
+
+    /// Reap the used ring like an interrupt handler; returns the freed slots
+    /// and re-arms used_event (EVENT_IDX) for the next completion.
+    fn reap(&mut self) -> Vec<u16> {
+        let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        let mut slots = Vec::new();
+        while self.reaped != idx {
+            let a = USED + 4 + 8 * u64::from(self.reaped % VQ);
+            let id: u32 = self.mem.read_obj(GuestAddress(a)).unwrap();
+            slots.push((id / 2) as u16);
+            self.reaped = self.reaped.wrapping_add(1);
+        }
+        if self.event_idx {
+            self.set_used_event(self.reaped);
+        }
+        slots
+    }
+}
+
+fn coalescing_handler(
+    g: &Guest,
+    disk: Arc<Held>,
+    irq: Arc<RecordingIrq>,
+    params: Option<CoalesceParams>,
+) -> (VirtioBlock, QueueHandler<GuestMemoryMmap>) {
+    let blk = VirtioBlock::new(
+        disk,
+        BlockConfig {
+            queue_size: VQ,
+            coalescing: params,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let h = blk
+        .queue_handler(0, g.queue(), GuestMemoryAtomic::new(g.mem.clone()), irq)
+        .unwrap();
+    (blk, h)
+}
+
+/// Run a closed loop at `depth` for `total` completions, the back-end
+/// finishing `per_batch` requests at a time; the guest reaps only when
+/// interrupted (plus a final reap). Returns (interrupts, completions).
+fn closed_loop(
+    depth: u16,
+    per_batch: usize,
+    total: usize,
+    params: Option<CoalesceParams>,
+    event_idx: bool,
+) -> (usize, u64) {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let mut g = Guest::new(&mem, event_idx);
+    let disk = Arc::new(Held::default());
+    let irq = Arc::new(RecordingIrq {
+        mem: mem.clone(),
+        seen: Default::default(),
+    });
+    let (blk, mut h) = coalescing_handler(&g, disk.clone(), irq.clone(), params);
+    for slot in 0..depth {
+        g.post(slot);
+    }
+    h.process_queue();
+    let mut done = 0;
+    let mut irqs_seen = 0;
+    while done < total {
+        assert!(disk.len() > 0 || h.inflight() > 0, "nothing in flight");
+        disk.complete(per_batch);
+        assert!(h.completion_event().read().is_ok());
+        h.process_completions();
+        done += per_batch;
+        // Requests that completed without an interrupt stay unreaped until the
+        // next one; the deadline then forces delivery.
+        if irq.count() == irqs_seen && disk.len() == 0 {
+            let d = h
+                .coalesce_deadline()
+                .expect("held completions have a deadline");
+            while std::time::Instant::now() < d {
+                std::hint::spin_loop();
+            }
+            h.process_completions();
+        }
+        if irq.count() > irqs_seen {
+            irqs_seen = irq.count();
+            for slot in g.reap() {
+                g.post(slot);
+            }
+            h.process_queue();
+        }
+    }
+    h.flush_interrupts();
+    assert_eq!(h.coalesce_deadline(), None);
+    assert_eq!(blk.completions(), h.completions());
+    assert_eq!(blk.interrupts_signalled(), h.interrupts_signalled());
+    assert_eq!(irq.count() as u64, h.interrupts_signalled());
+    eprintln!(
+        "depth {depth} event_idx {event_idx} vic {}: {} interrupts / {} completions",
+        params.is_some(),
+        irq.count(),
+        h.completions()
+    );
+    (irq.count(), h.completions())
+}
+
+#[test]
+fn coalesce_ratio_follows_commands_in_flight() {
+    let p = CoalesceParams::default();
+    let ks: Vec<usize> = [0, 1, 4, 5, 8, 9, 16, 17, 31, 32, 1000]
+        .iter()
+        .map(|&c| p.ratio(c))
+        .collect();
+    assert_eq!(ks, [1, 1, 1, 2, 2, 3, 4, 5, 8, 8, 8]);
+    let odd = CoalesceParams {
+        low_inflight: 0,
+        inflight_per_step: 0,
+        max_coalesce: 0,
+        max_delay: std::time::Duration::ZERO,
+    };
+    assert_eq!(odd.ratio(100), 1);
+}
+
+#[test]
+fn coalescing_every_completion_interrupts_at_depth_one() {
+    for event_idx in [false, true] {
+        let on = closed_loop(1, 1, 200, Some(CoalesceParams::default()), event_idx);
+        let off = closed_loop(1, 1, 200, None, event_idx);
+        assert_eq!(on, (200, 200), "event_idx {event_idx}");
+        assert_eq!(off, on);
+    }
+}
+
+#[test]
+fn coalescing_cuts_interrupts_at_high_depth() {
+    // A long max delay: count what the delivery ratio does, not the timer
+    // (spawning a completion thread per request is slower than 100 us).
+    let slow = CoalesceParams {
+        max_delay: std::time::Duration::from_secs(10),
+        ..Default::default()
+    };
+    for event_idx in [false, true] {
+        let (off, n) = closed_loop(32, 1, 640, None, event_idx);
+        assert_eq!(
+            (off, n),
+            (640, 640),
+            "one interrupt per completion without vIC"
+        );
+        let (on, n) = closed_loop(32, 1, 640, Some(slow), event_idx);
+        assert_eq!(n, 640);
+        // Depth 32: the p-th held completion leaves 32 - p in flight, so the
+        // interrupt comes at p = 7 (k = ceil(25 / 4) = 7): 640 / 7 = 91.
+        assert!(on <= 640 / 6, "event_idx {event_idx}: {on} interrupts");
+        // Depth 8: the 2nd completion leaves 6 in flight, k = 2: 320.
+        let (mid, _) = closed_loop(8, 1, 640, Some(slow), event_idx);
+        assert!(mid <= 330 && mid > on, "depth 8: {mid} interrupts");
+    }
+}
+
+#[test]
+fn coalescing_max_delay_forces_delivery_and_nothing_is_lost() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let mut g = Guest::new(&mem, true);
+    let disk = Arc::new(Held::default());
+    let irq = Arc::new(RecordingIrq {
+        mem: mem.clone(),
+        seen: Default::default(),
+    });
+    let params = CoalesceParams {
+        max_delay: std::time::Duration::from_millis(20),
+        ..Default::default()
+    };
+    let (_blk, mut h) = coalescing_handler(&g, disk.clone(), irq.clone(), Some(params));
+    for slot in 0..32 {
+        g.post(slot);
+    }
+    h.process_queue();
+    assert_eq!(h.inflight(), 32);
+    // One completion with 31 still in flight: held.
+    let t0 = std::time::Instant::now();
+    disk.complete(1);
+    h.process_completions();
+    assert_eq!(irq.count(), 0);
+    let d = h.coalesce_deadline().expect("deadline armed");
+    assert!(d > t0 && d <= t0 + params.max_delay + std::time::Duration::from_millis(5));
+    // Waking before the deadline changes nothing; after it, delivery is forced.
+    h.process_completions();
+    assert_eq!(irq.count(), 0);
+    std::thread::sleep(d.saturating_duration_since(std::time::Instant::now()));
+    h.process_completions();
+    assert_eq!(irq.seen.lock().unwrap().clone(), [1]);
+    assert_eq!(h.coalesce_deadline(), None);
+    assert_eq!(g.reap(), [0]);
+    // flush_interrupts delivers at once; the guest re-armed used_event 1.
+    disk.complete(2);
+    h.process_completions();
+    assert_eq!(irq.count(), 1);
+    h.flush_interrupts();
+    assert_eq!(irq.seen.lock().unwrap().clone(), [1, 3]);
+    g.reap();
+    // Draining: the interrupt arrives once few remain in flight, the last
+    // one covers every used element.
+    for _ in 0..29 {
+        let seen = irq.count();
+        disk.complete(1);
+        h.process_completions();
+        if irq.count() > seen {
+            g.reap();
+        }
+    }
+    assert_eq!(h.inflight(), 0);
+    assert_eq!(irq.last(), Some(32));
+    assert_eq!(h.coalesce_deadline(), None);
+    // Turning coalescing off flushes what is held.
+    g.reap();
+    for slot in 0..16 {
+        g.post(slot);
+    }
+    h.process_queue();
+    disk.complete(1);
+    h.process_completions();
+    let before = irq.count();
+    assert!(h.coalesce_deadline().is_some());
+    h.set_coalescing(None);
+    assert_eq!(irq.count(), before + 1);
+    assert_eq!(irq.last(), Some(33));
+    assert_eq!(h.coalescing(), None);
+}
+
+#[test]
+fn coalescing_worker_thread_timer_delivers_stalled_completions() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let mut g = Guest::new(&mem, false);
+    let disk = Arc::new(Held::default());
+    let irq = Arc::new(RecordingIrq {
+        mem: mem.clone(),
+        seen: Default::default(),
+    });
+    let mut blk = VirtioBlock::new(
+        disk.clone(),
+        BlockConfig {
+            queue_size: VQ,
+            coalescing: Some(CoalesceParams::default()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let notify = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    for slot in 0..16 {
+        g.post(slot);
+    }
+    VirtioDevice::<GuestMemoryMmap>::activate(
+        &mut blk,
+        GuestMemoryAtomic::new(mem.clone()),
+        0,
+        vec![ActiveQueue {
+            index: 0,
+            queue: g.queue(),
+            notify: notify.clone(),
+        }],
+        irq.clone(),
+    )
+    .unwrap();
+    notify.write(1).unwrap();
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < end, "timed out: {what}");
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    };
+    wait("16 submitted", &|| disk.len() == 16);
+    // One completion, 15 still in flight (k = 4): only the timer delivers it.
+    disk.complete(1);
+    wait("timer delivery", &|| irq.count() == 1);
+    assert_eq!(irq.last(), Some(1));
+    assert_eq!(blk.interrupts_signalled(), 1);
+    // The rest: the last interrupt covers every used element.
+    for _ in 0..15 {
+        disk.complete(1);
+    }
+    wait("all signalled", &|| irq.last() == Some(16));
+    assert_eq!(blk.completions(), 16);
+    // How many depends on the threads' timing; never more than one per completion.
+    assert!(blk.interrupts_signalled() <= 16);
+    VirtioDevice::<GuestMemoryMmap>::reset(&mut blk);
+}
