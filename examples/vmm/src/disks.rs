@@ -41,7 +41,7 @@ use iovirt_legacy::ide::{Ide, IdeError, Slot, IDE_ADDRESS};
 use iovirt_sched::{
     ClientId, ClientParams, MonotonicClock, SharedScheduler, StageConfig, TimerHandle,
 };
-use iovirt_virtio::block::{BlockConfig, BlockDeviceError, VirtioBlock};
+use iovirt_virtio::block::{BlockConfig, BlockDeviceError, CoalesceParams, VirtioBlock};
 use iovirt_virtio::pci::{VirtioPciDevice, VirtioPciError, VIRTIO_BAR};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -388,6 +388,7 @@ pub fn attach(
         let backend = opened(i);
         let cfg = BlockConfig {
             serial: d.serial.clone().unwrap_or_default().into_bytes(),
+            coalescing: d.coalesce.then(CoalesceParams::default),
             ..Default::default()
         };
         let blk = VirtioBlock::new(backend, cfg).map_err(|err| DiskError::Block {

@@ -141,7 +141,7 @@ fn virtio_blk_cache_writeback_int13_read_write() {
     let Some((log, img, boot)) = boot_disk(
         "virtio_writeback",
         &[],
-        "cache=writeback,serial=iovirt-test",
+        "cache=writeback,serial=iovirt-test,coalesce=on",
     ) else {
         return;
     };
