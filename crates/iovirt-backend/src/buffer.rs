@@ -34,6 +34,7 @@ const EMPTY_SEGMENT: Segment = Segment {
 const INLINE_SEGMENTS: usize = 4;
 
 /// A small vector of segments that needs no allocation up to [`INLINE_SEGMENTS`].
+#[derive(Clone)]
 enum SegList {
     Inline {
         len: usize,
@@ -86,6 +87,11 @@ impl SegList {
 /// mapping outlives the request) or from a host vector ([`IoBuffers::from_vec`]).
 /// Access goes only through [`VolatileSlice`]s or the copy helpers: no `&mut [u8]`
 /// alias of guest memory is ever made, because the guest may change it at any time.
+///
+/// `clone()` gives a second view of the same memory (it copies no data): a
+/// filter keeps one to read back what a child's read put there after the
+/// request, which owns the other, has completed.
+#[derive(Clone)]
 pub struct IoBuffers {
     segs: SegList,
     len: usize,
@@ -390,6 +396,15 @@ mod tests {
             IoBuffers::from_guest(mem, &[(GuestAddress(0), 0)], Direction::DeviceReads).unwrap();
         assert!(empty.is_empty());
         assert_eq!(empty.segments(), 0);
+    }
+
+    #[test]
+    fn clones_share_the_memory() {
+        let a = IoBuffers::zeroed(8);
+        let b = a.clone();
+        b.copy_from_slice_at(2, &[7, 7]);
+        drop(b);
+        assert_eq!(a.to_vec(), [0, 0, 7, 7, 0, 0, 0, 0]);
     }
 
     #[test]

@@ -6,44 +6,36 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use iovirt_backend::{BlockError, BlockResult, Completion, Direction, IoBuffers};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use iovirt_backend::{BlockError, BlockResult, Completion, IoBuffers};
 
 /// Host memory a child reads into and the filter reads back after the
-/// completion: a request's [`IoBuffers`] move into the request, so a filter
-/// keeps the memory object itself and hands the child a view of it.
+/// completion: the request owns one view of the buffer, the filter keeps
+/// another ([`IoBuffers`] clones share their memory).
 pub(crate) struct Scratch {
-    mem: Arc<GuestMemoryMmap<()>>,
-    len: usize,
+    buf: IoBuffers,
 }
 
 impl Scratch {
     /// A zero-filled scratch area of `len` bytes.
     pub(crate) fn new(len: usize) -> Result<Self, BlockError> {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), len.max(1))])
-            .map_err(|e| BlockError::Other(format!("scratch buffer of {len} bytes: {e}")))?;
         Ok(Scratch {
-            mem: Arc::new(mem),
-            len,
+            buf: IoBuffers::zeroed(len),
         })
     }
 
     /// A buffer over the whole area for a child's read.
     pub(crate) fn buffers(&self) -> Result<IoBuffers, BlockError> {
-        IoBuffers::from_guest(
-            self.mem.clone(),
-            &[(GuestAddress(0), self.len)],
-            Direction::DeviceWrites,
-        )
+        Ok(self.buf.clone())
     }
 
     /// The area's bytes.
     pub(crate) fn to_vec(&self) -> Vec<u8> {
-        let mut v = vec![0u8; self.len];
-        if self.mem.read_slice(&mut v, GuestAddress(0)).is_err() {
-            v.fill(0);
-        }
-        v
+        self.buf.to_vec()
+    }
+
+    /// The area's bytes, shared.
+    pub(crate) fn to_arc(&self) -> Arc<[u8]> {
+        self.buf.to_vec().into()
     }
 
     /// Read `len` bytes from the child at `offset` of the disk.

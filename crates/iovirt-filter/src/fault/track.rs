@@ -13,10 +13,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-use iovirt_backend::{BlockError, Direction, IoBuffers};
-
 /// A write, discard or write-zeroes as the tracker sees it.
 #[derive(Debug, Default)]
 pub(crate) struct WriteState {
@@ -198,36 +194,4 @@ impl Tracker {
     }
 }
 
-/// A host buffer a child can read into and the filter can read back
-/// (an [`IoBuffers`] built over host vectors hands its memory to the request).
-pub(crate) struct Scratch {
-    mem: Arc<GuestMemoryMmap<()>>,
-    len: usize,
-}
-
-impl Scratch {
-    pub(crate) fn new(len: usize) -> Result<Self, BlockError> {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), len.max(1))])
-            .map_err(|e| BlockError::Other(format!("fault filter: scratch buffer: {e}")))?;
-        Ok(Scratch {
-            mem: Arc::new(mem),
-            len,
-        })
-    }
-
-    pub(crate) fn buffers(&self) -> Result<IoBuffers, BlockError> {
-        IoBuffers::from_guest(
-            self.mem.clone(),
-            &[(GuestAddress(0), self.len)],
-            Direction::DeviceWrites,
-        )
-    }
-
-    pub(crate) fn to_arc(&self) -> Arc<[u8]> {
-        let mut v = vec![0u8; self.len];
-        if self.mem.read_slice(&mut v, GuestAddress(0)).is_err() {
-            v.fill(0);
-        }
-        v.into()
-    }
-}
+pub(crate) use crate::aggregate::parts::Scratch;
