@@ -227,8 +227,13 @@ impl Iotlb {
     /// Drop the entries of domain `did` overlapping `2^(12 + am)` bytes at
     /// `iova` (page-selective invalidation with address mask `am`, as in VT-d:
     /// the range is aligned down to its size).
+    /// A mask of 52 or more covers the whole 64-bit IOVA space: the domain.
     pub fn invalidate_pages(&self, did: u16, iova: u64, am: u8) {
-        let shift = 12 + u32::from(am.min(52));
+        let shift = 12 + u32::from(am);
+        if shift >= 64 {
+            self.invalidate_domain(did);
+            return;
+        }
         let start = iova & !((1u64 << shift) - 1);
         let end = start.saturating_add(1u64 << shift);
         self.invalidate_range(did, start, end);
@@ -308,6 +313,21 @@ mod tests {
         t.insert(2, &m(0x5000, 0xa000, PageSize::Size4K));
         t.invalidate_all();
         assert!(t.lookup(2, 0x5000).is_none());
+    }
+
+    #[test]
+    fn every_address_mask_is_accepted() {
+        // VT-d's AM field has 6 bits; masks of 52 and more span all of the
+        // IOVA space and must not overflow the shift (a fuzzer found this).
+        let t = Iotlb::new();
+        for am in 0..=63u8 {
+            t.insert(1, &m(0x5000, 0x9000, PageSize::Size4K));
+            t.insert(2, &m(0x5000, 0xa000, PageSize::Size4K));
+            t.invalidate_pages(1, u64::MAX & !0xfff, am);
+            let gone = t.lookup(1, 0x5000).is_none();
+            assert_eq!(gone, am >= 52, "am {am}");
+            assert!(t.lookup(2, 0x5000).is_some(), "am {am}");
+        }
     }
 
     #[test]
