@@ -153,6 +153,25 @@ impl std::str::FromStr for DiskSpec {
 }
 
 impl DiskSpec {
+    /// Open the back-end, and for `stack=` keep the built stack with its
+    /// control handles (mirror, redo log, multipath, migration) for `--control`.
+    pub fn open_stack(
+        &self,
+    ) -> Result<(Arc<dyn BlockBackend>, Option<iovirt_filter::stack::Stack>), Error> {
+        match self {
+            DiskSpec::Stack { path } => {
+                let stack = iovirt_filter::stack::StackSpec::from_file(path)
+                    .and_then(|s| s.build_stack())
+                    .map_err(|source| Error::Stack {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Ok((stack.backend.clone(), Some(stack)))
+            }
+            _ => Ok((self.open()?, None)),
+        }
+    }
+
     /// Open the back-end.
     pub fn open(&self) -> Result<Arc<dyn BlockBackend>, Error> {
         Ok(match self {

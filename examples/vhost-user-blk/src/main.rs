@@ -1,19 +1,22 @@
 //! `iovirt-vhost-user-blk`: serve a disk as a vhost-user-blk device.
 //!
 //! ```text
-//! iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID]
+//! iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID] [--control SOCK]
 //! ```
 //! SPEC is `path=FILE[,readonly=on][,cache=none|writethrough|writeback|unsafe][,engine=auto|io_uring|threads]`,
-//! `stack=FILE.toml` (an iovirt-filter stack, docs/FILTERS.md), `null[,size=1G]` or `memory,size=64M`. Log level: `RUST_LOG` (default `info`).
+//! `stack=FILE.toml` (an iovirt-filter stack, docs/FILTERS.md), `null[,size=1G]` or `memory,size=64M`. `--control SOCK` serves the JSON-lines control interface
+//! of docs/CONTROL.md (iovirt-control) for the disk. Log level: `RUST_LOG` (default `info`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use iovirt_control::{Control, DiskControl};
 use iovirt_vhost_user_blk::disk::DiskSpec;
 use iovirt_vhost_user_blk::server::{serve, ServerConfig};
 use iovirt_vhost_user_blk::Error;
 
-const USAGE: &str = "usage: iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID] [--poll-us N] [--connections N]
+const USAGE: &str = "usage: iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID] [--poll-us N] [--connections N] [--control SOCK]
   --disk path=FILE[,readonly=on][,cache=none|writethrough|writeback|unsafe][,engine=auto|io_uring|threads]
   --disk stack=FILE.toml     a filter stack (docs/FILTERS.md); readonly/cache go in the file
   --disk null[,size=1G]      a disk that stores nothing (benchmarks)
@@ -22,11 +25,20 @@ const USAGE: &str = "usage: iovirt-vhost-user-blk --socket PATH --disk SPEC [--q
   --queue-size N             largest queue size a frontend may use (default 1024)
   --serial ID                serial number (GET_ID, up to 20 bytes; default iovirt)
   --poll-us N                after a kick, poll the ring N microseconds before sleeping (default 50, 0: off)
-  --connections N            exit after serving N frontends (default: serve forever)";
+  --connections N            exit after serving N frontends (default: serve forever)
+  --control SOCK             serve the JSON-lines control interface (docs/CONTROL.md) on a unix socket";
 
-fn parse_args() -> Result<(DiskSpec, ServerConfig), Error> {
+/// The command line: the disk, the server, and the control socket if any.
+struct Args {
+    disk: DiskSpec,
+    cfg: ServerConfig,
+    control: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, Error> {
     let mut socket = None;
     let mut disk = None;
+    let mut control = None;
     let mut cfg = ServerConfig {
         socket: PathBuf::new(),
         queues: 1,
@@ -93,18 +105,51 @@ fn parse_args() -> Result<(DiskSpec, ServerConfig), Error> {
                 cfg.poll = std::time::Duration::from_micros(us);
             }
             "--connections" => cfg.connections = Some(num(value()?, u64::MAX)?),
+            "--control" => {
+                let v = value()?;
+                if v.is_empty() {
+                    return Err(Error::Usage(format!("--control needs a path\n{USAGE}")));
+                }
+                control = Some(PathBuf::from(v));
+            }
             _ => return Err(Error::Usage(format!("unknown argument {a:?}\n{USAGE}"))),
         }
     }
     cfg.socket = socket.ok_or_else(|| Error::Usage(format!("--socket is required\n{USAGE}")))?;
     let disk = disk.ok_or_else(|| Error::Usage(format!("--disk is required\n{USAGE}")))?;
-    Ok((disk, cfg))
+    Ok(Args { disk, cfg, control })
 }
 
 fn run() -> Result<(), Error> {
-    let (spec, cfg) = parse_args()?;
-    let disk = spec.open()?;
-    serve(disk, &cfg)
+    let args = parse_args()?;
+    let (disk, stack) = args.disk.open_stack()?;
+    // The control socket, removed again when `_control` drops.
+    let _control = match &args.control {
+        Some(path) => {
+            let name = match &args.disk {
+                DiskSpec::Stack { path } => path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                _ => "disk".into(),
+            };
+            let mut d = DiskControl::new(name)
+                .with_field("socket", args.cfg.socket.display().to_string())
+                .with_field("serial", args.cfg.serial.clone());
+            if let Some(stack) = &stack {
+                d = d.with_stack(stack);
+            }
+            let control = Arc::new(Control::new(vec![d], None));
+            Some(
+                iovirt_control::start(path, control).map_err(|source| Error::Control {
+                    path: path.clone(),
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
+    serve(disk, &args.cfg)
 }
 
 fn main() -> ExitCode {
