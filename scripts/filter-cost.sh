@@ -53,8 +53,9 @@ done
 die() { echo "filter-cost.sh: $*" >&2 && exit 1; }
 command -v taskset >/dev/null || die "taskset (util-linux) is not installed"
 command -v python3 >/dev/null || die "python3 is needed for the table"
-[[ $SIZE_MIB =~ ^[0-9]+$ ]] && ((SIZE_MIB >= 16 && SIZE_MIB % 2 == 0)) ||
+if ! [[ $SIZE_MIB =~ ^[0-9]+$ ]] || ((SIZE_MIB < 16 || SIZE_MIB % 2 != 0)); then
 	die "--size $SIZE_MIB: expected an even number of MiB, at least 16"
+fi
 
 TARGET=${CARGO_TARGET_DIR:-$REPO_DIR/target}
 if ((BUILD)); then
@@ -140,8 +141,8 @@ cache = "writeback"'
 }
 
 wait_socket() {
-	local i
-	for i in $(seq 200); do
+	local _
+	for _ in $(seq 200); do
 		[[ -S $SOCK ]] && return 0
 		kill -0 "$PID" 2>/dev/null || die "daemon exited early; see $1"
 		sleep 0.05
@@ -161,7 +162,8 @@ for s in $STACKS; do
 	taskset -c "$LOADGEN_CPU" "$LOADGEN" --socket "$SOCK" --duration "$DURATION" --depths 1,32 \
 		--ops randread,randwrite --label "$s" --json "$OUT/$s.json" --cpu-pid "$PID" >"$OUT/$s.txt" ||
 		die "load generator failed on $s; see $OUT/$s.txt and $log"
-	kill "$PID" && wait "$PID" 2>/dev/null || true
+	kill "$PID" 2>/dev/null || true
+	wait "$PID" 2>/dev/null || true
 	PID=
 done
 
