@@ -56,6 +56,18 @@ pub enum CliError {
     /// An option given twice that may appear only once.
     #[error("option {0} given more than once")]
     Repeated(&'static str),
+    /// `--iommu` with an unknown model.
+    #[error("bad --iommu {0:?}: use vtd or virtio")]
+    BadIommu(String),
+}
+
+/// Which IOMMU the DMA-capable devices sit behind (`--iommu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IommuKind {
+    /// An emulated Intel VT-d unit (MMIO registers, DMAR table).
+    Vtd,
+    /// A virtio-iommu-pci function (VIOT table).
+    Virtio,
 }
 
 /// Where the UART's output (and input) goes.
@@ -130,6 +142,8 @@ pub struct Config {
     pub kvm_device: PathBuf,
     /// Unix socket for the JSON-lines control interface (docs/CONTROL.md).
     pub control: Option<PathBuf>,
+    /// The IOMMU every virtio-blk and IDE DMA goes through, if any.
+    pub iommu: Option<IommuKind>,
 }
 
 impl Default for Config {
@@ -148,6 +162,7 @@ impl Default for Config {
             trap_stats: None,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             control: None,
+            iommu: None,
         }
     }
 }
@@ -192,6 +207,9 @@ OPTIONS:
     --control PATH        serve the JSON-lines control interface on a unix socket at PATH:
                           disks, scheduling statistics and parameters, filter-stack controls
                           (docs/CONTROL.md)
+    --iommu vtd|virtio    put the disks' DMA (virtio-blk, IDE bus master) behind an emulated
+                          Intel VT-d unit (MMIO 0xfed90000) or a virtio-iommu-pci at 00:03.0;
+                          DMA passes through until the guest enables translation (docs/IOMMU.md)
     --kvm-device PATH     KVM device node [default: /dev/kvm]
     -h, --help            print this help
 
@@ -367,6 +385,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--trap-stats" => "--trap-stats",
             "--kvm-device" => "--kvm-device",
             "--control" => "--control",
+            "--iommu" => "--iommu",
             _ => return Err(CliError::UnknownOption(arg)),
         };
         let value = match inline {
@@ -418,6 +437,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--kvm-device" => cfg.kvm_device = PathBuf::from(value),
             "--control" if value.is_empty() => return Err(CliError::MissingValue("--control")),
             "--control" => cfg.control = Some(PathBuf::from(value)),
+            "--iommu" => {
+                cfg.iommu = Some(match value.as_str() {
+                    "vtd" | "intel" => IommuKind::Vtd,
+                    "virtio" => IommuKind::Virtio,
+                    _ => return Err(CliError::BadIommu(value)),
+                })
+            }
             _ => unreachable!("every option name is matched above"),
         }
     }
@@ -490,7 +516,15 @@ mod tests {
             "--trap-stats=/tmp/t.json",
             "--control",
             "/tmp/c.sock",
+            "--iommu",
+            "vtd",
         ]);
+        assert_eq!(c.iommu, Some(IommuKind::Vtd));
+        assert_eq!(cfg(&["--iommu=virtio"]).iommu, Some(IommuKind::Virtio));
+        assert_eq!(
+            p(&["--iommu", "amd"]),
+            Err(CliError::BadIommu("amd".into()))
+        );
         assert_eq!(c.mem, 1 << 30);
         assert_eq!(c.cpus, 2);
         assert_eq!(c.serial, SerialMode::File("/tmp/x".into()));

@@ -14,6 +14,7 @@ mod cli;
 mod control;
 mod devices;
 mod disks;
+mod iommu;
 mod irq;
 mod layout;
 mod stats;
@@ -51,6 +52,8 @@ enum VmmError {
     Memory { size: u64, err: String },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Iommu(#[from] iommu::IommuError),
     #[error("control socket {path}: {err}")]
     Control { path: String, err: std::io::Error },
     #[error("{0}")]
@@ -157,6 +160,10 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
     )?;
     let msi: Arc<dyn iovirt_bus::MsiSink> =
         Arc::new(irq::KvmMsiRouter::new(vm.fd.clone(), vm.msi_routing));
+    let iommu = match cfg.iommu {
+        Some(kind) => Some(iommu::IommuWiring::new(kind, &ram, &mmio, msi.clone())?),
+        None => None,
+    };
     let mut disks = disks::attach(
         &disks::DiskWiring {
             vm: &vm.fd,
@@ -164,12 +171,19 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
             pio: &pio,
             pci: &devices.pci,
             piix3: &devices.piix3,
-            msi,
+            msi: msi.clone(),
             ioeventfd: vm.ioeventfd,
+            iommu: iommu.as_ref(),
         },
         &cfg.disks,
         cfg.cdrom.as_deref(),
     )?;
+    if let Some(iommu) = &iommu {
+        iommu.finish(&ram, &devices.pci, msi)?;
+        if entry.is_some() {
+            boot::acpi::write(&ram, cfg.cpus, &[iommu.acpi_table()])?;
+        }
+    }
 
     // The control socket (removed again when `_control` drops).
     let _control = match &cfg.control {
