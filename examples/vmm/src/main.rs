@@ -20,6 +20,7 @@ mod layout;
 mod stats;
 mod terminal;
 mod vcpu;
+mod vfio;
 mod vm;
 
 use std::sync::Arc;
@@ -54,6 +55,8 @@ enum VmmError {
     Thread(std::io::Error),
     #[error(transparent)]
     Iommu(#[from] iommu::IommuError),
+    #[error(transparent)]
+    Vfio(#[from] vfio::host::OpenError),
     #[error("control socket {path}: {err}")]
     Control { path: String, err: std::io::Error },
     #[error("{0}")]
@@ -104,6 +107,9 @@ fn check_disks(cfg: &Config) -> Result<(), VmmError> {
 
 fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
     check_disks(cfg)?;
+    for path in &cfg.vfio {
+        vfio::host::check_path(path)?;
+    }
     let kvm = vm::open_kvm(&cfg.kvm_device)?;
     let mut vm = Vm::new(&kvm)?;
 
@@ -158,8 +164,8 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
         },
         &exit,
     )?;
-    let msi: Arc<dyn iovirt_bus::MsiSink> =
-        Arc::new(irq::KvmMsiRouter::new(vm.fd.clone(), vm.msi_routing));
+    let router = Arc::new(irq::KvmMsiRouter::new(vm.fd.clone(), vm.msi_routing));
+    let msi: Arc<dyn iovirt_bus::MsiSink> = router.clone();
     let iommu = match cfg.iommu {
         Some(kind) => Some(iommu::IommuWiring::new(kind, &ram, &mmio, msi.clone())?),
         None => None,
@@ -184,6 +190,22 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
             boot::acpi::write(&ram, cfg.cpus, &[iommu.acpi_table()])?;
         }
     }
+
+    // Pass-through devices, in the slots after the virtio disks.
+    let virtio_disks = cfg
+        .disks
+        .iter()
+        .filter(|d| d.interface == cli::DiskInterface::Virtio);
+    let first_slot = disks::FIRST_VIRTIO_SLOT.saturating_add(virtio_disks.count() as u8);
+    vfio::host::attach_all(
+        &cfg.vfio,
+        &vm.fd,
+        &ram,
+        &devices.pci,
+        &devices.piix3,
+        &router,
+        first_slot,
+    )?;
 
     // The control socket (removed again when `_control` drops).
     let _control = match &cfg.control {
