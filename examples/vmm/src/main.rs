@@ -187,7 +187,9 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
     if let Some(iommu) = &iommu {
         iommu.finish(&ram, &devices.pci, msi)?;
         if entry.is_some() {
-            boot::acpi::write(&ram, cfg.cpus, &[iommu.acpi_table()])?;
+            // VIOT applies to PCI devices under an ACPI host bridge only.
+            let pci_root = cfg.iommu == Some(cli::IommuKind::Virtio);
+            boot::acpi::write(&ram, cfg.cpus, &[iommu.acpi_table()], pci_root)?;
         }
     }
 

@@ -10,12 +10,12 @@
 //! | RSDP  | revision 2, found by the kernel's scan of 0xE0000-0xFFFFF               |
 //! | XSDT  | lists the others                                                        |
 //! | FADT  | revision 6, `HW_REDUCED_ACPI` (no SCI, PM blocks or GPEs to emulate), i8042 present; without a FADT ACPICA refuses to load and Linux disables ACPI |
-//! | DSDT  | empty AML: no ACPI devices; PCI is found by the legacy config-space scan |
+//! | DSDT  | without a PCI host bridge: empty (PCI is found by the legacy config-space scan); with one (`--iommu virtio`): `\_SB.PCI0` (`PNP0A03`, segment 0, bus 0, `_CRS` with bus 0-255, ports 0-0xCF7 and 0xD00-0xFFFF, memory 0xE000_0000-0xFEBF_FFFF), because Linux applies the VIOT only to PCI devices whose host bridge has an ACPI companion |
 //! | MADT  | one LAPIC per vCPU (APIC ID = index) and the IOAPIC (ID = vCPU count), as the MP table says |
 //! | extra | the caller's tables (DMAR or VIOT), checksummed by their builders        |
 //!
-//! Not provided: a PCI host bridge (`PNP0A03`) with `_PRT` (INTx routing then
-//! comes from nowhere: virtio-pci uses MSI-X, which needs none), power button,
+//! Not provided: `_PRT` (INTx routing then comes from nowhere: virtio-pci uses
+//! MSI-X, which needs none), `_OSC`, power button,
 //! sleep states, an MCFG (no ECAM). A kernel wanting the IOMMU needs
 //! `CONFIG_INTEL_IOMMU` (DMAR; `intel_iommu=on` unless it defaults on) or
 //! `CONFIG_VIRTIO_IOMMU` with ACPI VIOT support (`CONFIG_ACPI_VIOT`, 5.14+).
@@ -126,8 +126,79 @@ fn rsdp(xsdt: u64) -> Vec<u8> {
     r
 }
 
+/// An AML PkgLength for `body`, followed by `body` (one or two length bytes).
+fn pkg(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 2);
+    if body.len() + 1 < 0x40 {
+        out.push((body.len() + 1) as u8);
+    } else {
+        let total = body.len() + 2; // < 4096: the DSDT is small
+        out.push(0x40 | (total & 0xf) as u8);
+        out.push((total >> 4) as u8);
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// AML `Name(seg, Zero)`.
+fn name_zero(seg: &[u8; 4]) -> Vec<u8> {
+    let mut v = vec![0x08];
+    v.extend_from_slice(seg);
+    v.push(0x00);
+    v
+}
+
+/// A Word Address Space descriptor (bus or I/O window, producer, min/max fixed).
+fn word_space(kind: u8, specific: u8, min: u16, max: u16) -> Vec<u8> {
+    let mut d = vec![0x88, 0x0d, 0x00, kind, 0x0c, specific, 0, 0];
+    d.extend_from_slice(&min.to_le_bytes());
+    d.extend_from_slice(&max.to_le_bytes());
+    d.extend_from_slice(&0u16.to_le_bytes());
+    d.extend_from_slice(&(max.wrapping_sub(min).wrapping_add(1)).to_le_bytes());
+    d
+}
+
+/// AML for `Scope(\_SB) { Device(PCI0) { _HID PNP0A03, _SEG/_UID/_BBN 0, _CRS } }`.
+fn pci_host_bridge_aml() -> Vec<u8> {
+    let mut crs = Vec::new();
+    crs.extend(word_space(2, 0, 0, 0xff)); // bus numbers
+    crs.extend_from_slice(&[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]); // config ports
+    crs.extend(word_space(1, 0x03, 0, 0x0cf7));
+    crs.extend(word_space(1, 0x03, 0x0d00, 0xffff));
+    let (min, max) = (
+        crate::layout::PCI_HOLE_START as u32,
+        IOAPIC_START as u32 - 1,
+    );
+    crs.extend_from_slice(&[0x87, 0x17, 0x00, 0, 0x0c, 0x01]); // memory, read-write
+    for v in [0, min, max, 0, max - min + 1] {
+        crs.extend_from_slice(&v.to_le_bytes());
+    }
+    crs.extend_from_slice(&[0x79, 0x00]); // end tag
+    let mut buffer = vec![0x0a, u8::try_from(crs.len()).unwrap_or(u8::MAX)];
+    buffer.extend(crs);
+    let mut dev = b"PCI0".to_vec();
+    dev.push(0x08);
+    dev.extend_from_slice(b"_HID");
+    dev.push(0x0c);
+    dev.extend_from_slice(&0x030a_d041u32.to_le_bytes()); // EISAID("PNP0A03")
+    for n in [b"_SEG", b"_UID", b"_BBN"] {
+        dev.extend(name_zero(n));
+    }
+    dev.push(0x08);
+    dev.extend_from_slice(b"_CRS");
+    dev.push(0x11); // Buffer
+    dev.extend(pkg(&buffer));
+    let mut device = vec![0x5b, 0x82];
+    device.extend(pkg(&dev));
+    let mut scope_body = b"\\_SB_".to_vec();
+    scope_body.extend(device);
+    let mut scope = vec![0x10];
+    scope.extend(pkg(&scope_body));
+    scope
+}
+
 /// Lay out every table from `TABLES_ADDR`: (address, bytes) pairs, RSDP first.
-fn layout(cpus: u32, extra: &[Vec<u8>]) -> Result<Vec<(u64, Vec<u8>)>, BootError> {
+fn layout(cpus: u32, extra: &[Vec<u8>], pci_root: bool) -> Result<Vec<(u64, Vec<u8>)>, BootError> {
     let mut out = Vec::new();
     let mut at = TABLES_ADDR;
     let mut place = |t: Vec<u8>, out: &mut Vec<(u64, Vec<u8>)>| -> Result<u64, BootError> {
@@ -140,7 +211,11 @@ fn layout(cpus: u32, extra: &[Vec<u8>]) -> Result<Vec<(u64, Vec<u8>)>, BootError
         out.push((here, t));
         Ok(here)
     };
-    let dsdt = place(finish(header(b"DSDT", 2, b"IOVIRTDS")), &mut out)?;
+    let mut dsdt = header(b"DSDT", 2, b"IOVIRTDS");
+    if pci_root {
+        dsdt.extend(pci_host_bridge_aml());
+    }
+    let dsdt = place(finish(dsdt), &mut out)?;
     let mut listed = vec![place(fadt(dsdt), &mut out)?, place(madt(cpus), &mut out)?];
     for t in extra {
         listed.push(place(t.clone(), &mut out)?);
@@ -154,9 +229,15 @@ fn layout(cpus: u32, extra: &[Vec<u8>]) -> Result<Vec<(u64, Vec<u8>)>, BootError
     Ok(out)
 }
 
-/// Write the RSDP, XSDT, FADT, DSDT, MADT and `extra` tables into guest memory.
-pub fn write(mem: &GuestMemoryMmap, cpus: u32, extra: &[Vec<u8>]) -> Result<(), BootError> {
-    for (addr, t) in layout(cpus, extra)? {
+/// Write the RSDP, XSDT, FADT, DSDT (with the PCI host bridge when
+/// `pci_root`), MADT and `extra` tables into guest memory.
+pub fn write(
+    mem: &GuestMemoryMmap,
+    cpus: u32,
+    extra: &[Vec<u8>],
+    pci_root: bool,
+) -> Result<(), BootError> {
+    for (addr, t) in layout(cpus, extra, pci_root)? {
         mem.write_slice(&t, GuestAddress(addr))
             .map_err(|e| BootError::Memory(format!("ACPI table at {addr:#x}: {e}")))?;
     }
@@ -175,7 +256,7 @@ mod tests {
     #[test]
     fn rsdp_xsdt_and_tables_are_consistent() {
         let extra = vec![finish(header(b"DMAR", 1, b"TESTTEST"))];
-        let tables = layout(2, &extra).unwrap();
+        let tables = layout(2, &extra, false).unwrap();
         let find = |addr: u64| tables.iter().find(|(a, _)| *a == addr).map(|(_, t)| t);
         let (addr, rsdp) = &tables[0];
         assert_eq!(*addr, RSDP_ADDR);
@@ -217,6 +298,47 @@ mod tests {
     #[test]
     fn too_many_tables_are_refused() {
         let big = vec![vec![0u8; 0x8000]; 3];
-        assert!(layout(1, &big).is_err());
+        assert!(layout(1, &big, false).is_err());
+    }
+
+    #[test]
+    fn dsdt_with_the_pci_host_bridge_is_well_formed_aml() {
+        let tables = layout(1, &[], true).unwrap();
+        let dsdt = &tables.iter().find(|(_, t)| &t[..4] == b"DSDT").unwrap().1;
+        assert_eq!(sum(dsdt), 0);
+        let aml = &dsdt[36..];
+        // ScopeOp, a two-byte PkgLength covering exactly the rest.
+        assert_eq!(aml[0], 0x10);
+        assert_eq!(aml[1] >> 6, 1, "two-byte PkgLength");
+        let len = usize::from(aml[1] & 0xf) | (usize::from(aml[2]) << 4);
+        assert_eq!(len, aml.len() - 1);
+        assert_eq!(&aml[3..8], b"\\_SB_");
+        // DeviceOp PCI0 whose PkgLength also ends at the end of the table.
+        assert_eq!(&aml[8..10], &[0x5b, 0x82]);
+        let dlen = usize::from(aml[10] & 0xf) | (usize::from(aml[11]) << 4);
+        assert_eq!(10 + dlen, aml.len());
+        assert_eq!(&aml[12..16], b"PCI0");
+        assert!(aml
+            .windows(9)
+            .any(|w| w == [b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x03]));
+        // _CRS: the buffer size matches its bytes and ends with the end tag.
+        let crs = aml.windows(4).position(|w| w == b"_CRS").unwrap() + 4;
+        assert_eq!(aml[crs], 0x11);
+        // Two-byte PkgLength, then BufferSize as a ByteConst.
+        assert_eq!(aml[crs + 1] >> 6, 1);
+        let blen = usize::from(aml[crs + 1] & 0xf) | (usize::from(aml[crs + 2]) << 4);
+        assert_eq!(crs + 1 + blen, aml.len());
+        assert_eq!(aml[crs + 3], 0x0a);
+        let n = usize::from(aml[crs + 4]);
+        assert_eq!(crs + 5 + n, aml.len());
+        assert_eq!(&aml[aml.len() - 2..], &[0x79, 0]);
+        // The memory window is the PCI hole below the IOAPIC.
+        let min = 0xe000_0000u32.to_le_bytes();
+        assert!(aml.windows(4).any(|w| w == min));
+        // Without the bridge, the DSDT is a bare header.
+        let bare = layout(1, &[], false).unwrap();
+        assert!(bare
+            .iter()
+            .any(|(_, t)| &t[..4] == b"DSDT" && t.len() == 36));
     }
 }
