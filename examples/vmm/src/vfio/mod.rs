@@ -27,7 +27,8 @@
 //!   no exit or thread runs per interrupt); a masked vector has no route. INTx
 //!   gets a trigger and a resample eventfd ([`IrqRoutes::route_intx`]) the first
 //!   time the guest enables memory, I/O or bus mastering, after firmware has
-//!   programmed the PIRQ routes.
+//!   programmed the PIRQ routes. VFIO's INTx is off while MSI or MSI-X is on
+//!   (vfio-pci refuses them otherwise) and back on when both are off.
 //! - **DMA**: at attach every guest RAM region is mapped into the device's IOMMU
 //!   container at IOVA = guest-physical address. A vIOMMU's mappings are not
 //!   followed: the VMM refuses `--iommu` together with a VFIO device.
@@ -189,6 +190,8 @@ pub struct VfioPciDevice<O: VfioOps> {
     msi: Option<MsiCap>,
     intx: Option<(Arc<EventFd>, Arc<EventFd>)>,
     intx_routed: bool,
+    /// VFIO's INTx is enabled (vfio-pci refuses MSI or MSI-X while it is).
+    intx_active: bool,
     dma: Vec<(u64, u64)>,
 }
 
@@ -257,6 +260,7 @@ impl<O: VfioOps> VfioPciDevice<O> {
             msi: None,
             intx: None,
             intx_routed: false,
+            intx_active: false,
             dma: Vec::new(),
         };
         dev.find_capabilities(&cfg)?;
@@ -413,9 +417,13 @@ impl<O: VfioOps> VfioPciDevice<O> {
 
     /// Bring VFIO's MSI state and the route in line with the shadow after a write.
     fn msi_written(&mut self) {
-        let Some(m) = &mut self.msi else { return };
+        let Some(m) = &self.msi else { return };
         let control = u16::from_le_bytes([m.regs[0], m.regs[1]]);
         let want = control & MSI_ENABLE != 0;
+        if want && !m.enabled {
+            self.set_intx(false);
+        }
+        let Some(m) = &mut self.msi else { return };
         if want && !m.enabled {
             if let Err(e) = self.ops.enable_irqs(IRQ_MSI, &[&m.fd]) {
                 log::warn!("VFIO: cannot enable MSI: {e}");
@@ -434,6 +442,8 @@ impl<O: VfioOps> VfioPciDevice<O> {
             if let Err(e) = self.routes.set_msi_route(&m.fd, Some(msg)) {
                 log::warn!("VFIO: MSI route {msg:?}: {e}");
             }
+        } else if !self.msi_or_msix_on() {
+            self.set_intx(true);
         }
     }
 
@@ -452,6 +462,10 @@ impl<O: VfioOps> VfioPciDevice<O> {
         let Some(cap) = &self.msix else { return };
         let (was, now) = (old & MSIX_ENABLE != 0, cap.control & MSIX_ENABLE != 0);
         if now && !was {
+            self.set_intx(false);
+        }
+        let Some(cap) = &self.msix else { return };
+        if now && !was {
             let fds: Vec<&EventFd> = cap.vectors.iter().map(|v| &*v.fd).collect();
             if let Err(e) = self.ops.enable_irqs(IRQ_MSIX, &fds) {
                 log::warn!("VFIO: cannot enable MSI-X: {e}");
@@ -466,23 +480,58 @@ impl<O: VfioOps> VfioPciDevice<O> {
                 log::warn!("VFIO: MSI-X route: {e}");
             }
         }
+        if was && !now && !self.msi_or_msix_on() {
+            self.set_intx(true);
+        }
     }
 
     fn route_intx_once(&mut self) {
-        if self.intx_routed {
+        if self.intx_routed || self.intx.is_none() {
             return;
         }
+        self.intx_routed = true;
+        if let Some((trigger, resample)) = &self.intx {
+            if let Err(e) = self.routes.route_intx(trigger, resample) {
+                log::warn!("VFIO: INTx cannot be routed ({e}); the device's INTx is lost");
+                return;
+            }
+        }
+        if !self.msi_or_msix_on() {
+            self.set_intx(true);
+        }
+    }
+
+    /// MSI or MSI-X is enabled in VFIO.
+    fn msi_or_msix_on(&self) -> bool {
+        self.msi.as_ref().is_some_and(|m| m.enabled)
+            || self
+                .msix
+                .as_ref()
+                .is_some_and(|m| m.control & MSIX_ENABLE != 0)
+    }
+
+    /// Turn VFIO's INTx on or off (it must be off while MSI or MSI-X is on,
+    /// and comes back when both are off, as on real hardware).
+    fn set_intx(&mut self, on: bool) {
         let Some((trigger, resample)) = &self.intx else {
             return;
         };
-        self.intx_routed = true;
-        let r = self
-            .ops
-            .enable_irqs(IRQ_INTX, &[trigger])
-            .and_then(|()| self.ops.set_intx_unmask_fd(resample))
-            .and_then(|()| self.routes.route_intx(trigger, resample));
-        if let Err(e) = r {
-            log::warn!("VFIO: INTx cannot be routed ({e}); the device's INTx is lost");
+        if !self.intx_routed || on == self.intx_active {
+            return;
+        }
+        let r = if on {
+            self.ops
+                .enable_irqs(IRQ_INTX, &[trigger])
+                .and_then(|()| self.ops.set_intx_unmask_fd(resample))
+        } else {
+            self.ops.disable_irqs(IRQ_INTX)
+        };
+        match r {
+            Ok(()) => self.intx_active = on,
+            Err(e) => log::warn!(
+                "VFIO: cannot turn INTx {}: {e}",
+                if on { "on" } else { "off" }
+            ),
         }
     }
 

@@ -409,7 +409,10 @@ fn msix_table_writes_become_irq_routes() {
     assert_eq!(m.mmio_r32(table + PBA_OFFSET), Some(0x4444_4444));
     // Disabling turns VFIO's MSI-X off and unroutes every vector.
     m.cfg_w16(MSIX_CAP as u8 + 2, 0);
-    assert_eq!(m.fake.st().irqs.last().unwrap(), &(IRQ_MSIX, Vec::new()));
+    let irqs = m.fake.st().irqs.clone();
+    let n = irqs.len();
+    assert_eq!(irqs[n - 2], (IRQ_MSIX, Vec::new()));
+    assert_eq!(irqs[n - 1].0, IRQ_INTX, "INTx back once MSI-X is off");
     assert!((0..4).all(|v| route(v).is_none()));
 }
 
@@ -456,6 +459,22 @@ fn intx_is_routed_once_decoding_is_enabled() {
     drop(st);
     m.cfg_w16(0x04, 0x0007);
     assert_eq!(m.fake.st().irqs.len(), 1, "routed once");
+    // MSI-X on: INTx goes off first (vfio-pci refuses MSI-X otherwise); off: INTx is back.
+    m.cfg_w16(MSIX_CAP as u8 + 2, 0x8000);
+    let irqs = m.fake.st().irqs.clone();
+    assert_eq!(irqs[1], (IRQ_INTX, Vec::new()));
+    assert_eq!(irqs[2].0, IRQ_MSIX);
+    m.cfg_w16(MSIX_CAP as u8 + 2, 0);
+    let irqs = m.fake.st().irqs.clone();
+    assert_eq!(irqs[3], (IRQ_MSIX, Vec::new()));
+    assert_eq!(irqs[4], (IRQ_INTX, vec![trigger]));
+    // The same for MSI.
+    m.cfg_w16(MSI_CAP as u8 + 2, 1);
+    let irqs = m.fake.st().irqs.clone();
+    assert_eq!(irqs[5], (IRQ_INTX, Vec::new()));
+    assert_eq!(irqs[6].0, IRQ_MSI);
+    m.cfg_w16(MSI_CAP as u8 + 2, 0);
+    assert_eq!(m.fake.st().irqs.last().unwrap(), &(IRQ_INTX, vec![trigger]));
 }
 
 #[test]
