@@ -423,6 +423,95 @@ mod tests {
     }
 
     #[test]
+    fn vtd_translation_on_unmapped_prd_buffer_fails_ide_bus_master_dma() {
+        use iovirt_bus::interrupt::test_doubles::RecordingLine;
+        use iovirt_legacy::ide::{Ide, Slot};
+        const PRD: u64 = 0x5000;
+        let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mmio = Bus::new(AddressSpace::Mmio);
+        let pio = Bus::new(AddressSpace::Pio);
+        let sink = Arc::new(RecordingMsiSink::new());
+        let w = IommuWiring::new(IommuKind::Vtd, &ram, &mmio, sink).unwrap();
+        let rid = RequesterId::new(0, 1, 1);
+        let ide = Ide::new(
+            Arc::new(w.view(&ram, rid)),
+            Arc::new(RecordingLine::new()),
+            Arc::new(RecordingLine::new()),
+        );
+        let disk = Arc::new(Inline(MemoryBackend::new(1 << 20)));
+        ide.attach_disk(Slot::PRIMARY_MASTER, disk).unwrap();
+        ide.register_ports(&pio).unwrap();
+        // Bus mastering on in the function's command register, as a driver does.
+        let mut function = ide.pci_function();
+        function.config_write(0x04, &[0x05, 0x00]);
+        // Tables for 00:01.1 mapping only the PRD table's page.
+        let put = |addr: u64, (lo, hi): (u64, u64)| {
+            ram.write_obj(lo, GuestAddress(addr)).unwrap();
+            ram.write_obj(hi, GuestAddress(addr + 8)).unwrap();
+        };
+        put(ROOT, RootEntry::with_context_table(CONTEXT).raw());
+        put(
+            CONTEXT + u64::from(rid.devfn()) * 16,
+            ContextEntry::translating(2, SL[0], 3).raw(),
+        );
+        ram.write_obj(SlEntry::table(SL[1]).0, GuestAddress(SL[0]))
+            .unwrap();
+        ram.write_obj(SlEntry::table(SL[2]).0, GuestAddress(SL[1]))
+            .unwrap();
+        let prd_page = SlEntry::page(PRD, PageSize::Size4K, Perms::READ | Perms::WRITE);
+        ram.write_obj(prd_page.0, GuestAddress(SL[2] + (PRD >> 12) * 8))
+            .unwrap();
+        reg_w(&mmio, RTADDR, ROOT, 8);
+        reg_w(&mmio, GCMD, u64::from(G_SRTP), 4);
+        reg_w(&mmio, GCMD, u64::from(G_TE), 4);
+        // One PRD entry: 512 bytes at DATA (not mapped), end of table.
+        ram.write_obj(DATA as u32, GuestAddress(PRD)).unwrap();
+        ram.write_obj(512u16, GuestAddress(PRD + 4)).unwrap();
+        ram.write_obj(0x8000u16, GuestAddress(PRD + 6)).unwrap();
+        ide.bm_write(4, &(PRD as u32).to_le_bytes());
+        // READ DMA of LBA 0, one sector, then start the bus master (to memory).
+        for (port, v) in [
+            (0x1f6u64, 0xe0u8),
+            (0x1f2, 1),
+            (0x1f3, 0),
+            (0x1f4, 0),
+            (0x1f5, 0),
+        ] {
+            assert!(pio.write(port, &[v]));
+        }
+        assert!(pio.write(0x1f7, &[0xc8]));
+        ide.bm_write(0, &[0x09]);
+        let t = Instant::now();
+        let status = loop {
+            let mut st = [0u8];
+            ide.bm_read(2, &mut st);
+            if st[0] & 0x06 != 0 {
+                break st[0];
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "DMA never ended");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_ne!(
+            status & 0x02,
+            0,
+            "bus-master error bit (status {status:#x})"
+        );
+        let faults = w.faults().entries();
+        assert!(
+            !faults.is_empty()
+                && faults
+                    .iter()
+                    .all(|f| f.rid == rid && f.iova & !0xfff == DATA),
+            "{faults:?}"
+        );
+        assert_eq!(
+            reg_r(&mmio, FRCD + 8, 8) & 0xffff,
+            u64::from(rid.0),
+            "source ID"
+        );
+    }
+
+    #[test]
     fn virtio_iommu_endpoints_bypass_until_attached() {
         let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mmio = Bus::new(AddressSpace::Mmio);
