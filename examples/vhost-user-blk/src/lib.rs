@@ -34,6 +34,8 @@
 
 pub mod device;
 pub mod disk;
+pub mod iotlb;
+pub mod proxy;
 pub mod server;
 
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! `iovirt-vhost-user-blk`: serve a disk as a vhost-user-blk device.
 //!
 //! ```text
-//! iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID]
+//! iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID] [--iommu-platform on]
 //! ```
 //! SPEC is `path=FILE[,readonly=on][,cache=none|writethrough|writeback|unsafe][,engine=auto|io_uring|threads]`,
 //! `stack=FILE.toml` (an iovirt-filter stack, docs/FILTERS.md), `null[,size=1G]` or `memory,size=64M`. Log level: `RUST_LOG` (default `info`).
@@ -22,7 +22,9 @@ const USAGE: &str = "usage: iovirt-vhost-user-blk --socket PATH --disk SPEC [--q
   --queue-size N             largest queue size a frontend may use (default 1024)
   --serial ID                serial number (GET_ID, up to 20 bytes; default iovirt)
   --poll-us N                after a kick, poll the ring N microseconds before sleeping (default 50, 0: off)
-  --connections N            exit after serving N frontends (default: serve forever)";
+  --connections N            exit after serving N frontends (default: serve forever)
+  --iommu-platform on|off    offer VIRTIO_F_ACCESS_PLATFORM: DMA through the frontend's vIOMMU
+                             with vhost-user IOTLB messages (default off; docs/IOMMU.md)";
 
 fn parse_args() -> Result<(DiskSpec, ServerConfig), Error> {
     let mut socket = None;
@@ -34,6 +36,7 @@ fn parse_args() -> Result<(DiskSpec, ServerConfig), Error> {
         serial: "iovirt".into(),
         connections: None,
         poll: std::time::Duration::from_micros(50),
+        iommu_platform: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -93,6 +96,13 @@ fn parse_args() -> Result<(DiskSpec, ServerConfig), Error> {
                 cfg.poll = std::time::Duration::from_micros(us);
             }
             "--connections" => cfg.connections = Some(num(value()?, u64::MAX)?),
+            "--iommu-platform" => {
+                cfg.iommu_platform = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    v => return Err(Error::Usage(format!("--iommu-platform {v}: on or off"))),
+                }
+            }
             _ => return Err(Error::Usage(format!("unknown argument {a:?}\n{USAGE}"))),
         }
     }
