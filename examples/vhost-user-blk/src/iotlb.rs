@@ -150,8 +150,15 @@ impl IotlbMsg {
         };
         let kind_raw = buf[field::TYPE];
         let kind = IotlbMsgType::from_u8(kind_raw).ok_or(IotlbError::UnknownType(kind_raw))?;
+        // Only updates and misses carry rights; QEMU leaves the byte
+        // uninitialised in invalidations, so it is ignored there.
         let perm_raw = buf[field::PERM];
-        let perm = Perms::from_bits(perm_raw).ok_or(IotlbError::BadPerm(perm_raw))?;
+        let perm = match kind {
+            IotlbMsgType::Update | IotlbMsgType::Miss | IotlbMsgType::AccessFail => {
+                Perms::from_bits(perm_raw).ok_or(IotlbError::BadPerm(perm_raw))?
+            }
+            _ => Perms::empty(),
+        };
         Ok(IotlbMsg {
             iova: u64_at(field::IOVA),
             size: u64_at(field::SIZE),
@@ -590,6 +597,14 @@ mod tests {
         b[25] = 2;
         b[24] = 4;
         assert_eq!(IotlbMsg::parse(&b), Err(IotlbError::BadPerm(4)));
+        // An invalidation's permission byte is garbage and ignored.
+        b[24] = 0x43;
+        b[25] = 3;
+        let inv = IotlbMsg::parse(&b).unwrap();
+        assert_eq!(
+            (inv.kind, inv.perm),
+            (IotlbMsgType::Invalidate, Perms::empty())
+        );
     }
 
     #[test]
