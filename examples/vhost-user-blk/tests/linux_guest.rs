@@ -56,14 +56,19 @@ const GUEST_612_ARGS: &[&str] = &[
 ];
 
 /// The Debian 6.12 cloud kernel guest, in `IOVIRT_GUEST_612_DIR` (default: the
-/// shared guest directory's sibling `guest-6.12`); built on first use.
+/// shared guest directory's name with `-6.12`, as scripts/setup.sh builds it);
+/// built on first use.
 fn guest_612() -> Option<&'static Guest> {
     static GUEST: OnceLock<Option<Guest>> = OnceLock::new();
     GUEST
         .get_or_init(|| {
             let dir = std::env::var_os("IOVIRT_GUEST_612_DIR")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| guest_dir().with_file_name("guest-6.12"));
+                .unwrap_or_else(|| {
+                    let mut d = guest_dir().into_os_string();
+                    d.push("-6.12");
+                    PathBuf::from(d)
+                });
             build_guest(&dir, GUEST_612_ARGS, true)
         })
         .as_ref()
