@@ -656,6 +656,63 @@ mod tests {
         assert!(t.translate(RID, 0x1000, Access::Read).is_err());
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any bytes parse or fail cleanly, and what parses emits back the same.
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)) {
+            if let Ok(m) = IotlbMsg::parse(&bytes) {
+                let again = IotlbMsg::parse(&m.emit()).unwrap();
+                proptest::prop_assert_eq!(again, m);
+            }
+        }
+
+        /// Updates and invalidations against a list of ranges: a translation
+        /// exists exactly when the model has an entry with the right, and
+        /// points where the entry says.
+        #[test]
+        fn matches_a_model(ops in proptest::collection::vec(
+            (0u8..3, 0u64..64, 1u64..16, 0u64..64, 1u8..4), 1..40),
+            probes in proptest::collection::vec((0u64..80, proptest::prelude::any::<bool>()), 16)) {
+            const P: u64 = 0x1000;
+            let t = tlb();
+            // (start, size, uaddr, perm)
+            let mut model: Vec<(u64, u64, u64, Perms)> = Vec::new();
+            for (op, page, pages, target, perm) in ops {
+                let (iova, size) = (page * P, pages * P);
+                let overlaps = |e: &(u64, u64, u64, Perms)| e.0 < iova + size && iova < e.0 + e.1;
+                if op < 2 {
+                    let perm = Perms::from_bits_truncate(perm);
+                    let uaddr = 0x7f00_0000_0000 + target * P;
+                    t.update(iova, size, uaddr, perm).unwrap();
+                    model.retain(|e| !overlaps(e));
+                    model.push((iova, size, uaddr, perm));
+                } else {
+                    t.invalidate(iova, size);
+                    model.retain(|e| !overlaps(e));
+                }
+            }
+            for (page, write) in probes {
+                let iova = page * P + 0x10;
+                let access = if write { Access::Write } else { Access::Read };
+                let want = model
+                    .iter()
+                    .find(|e| e.0 <= iova && iova < e.0 + e.1 && e.3.contains(access.perm()))
+                    .map(|e| e.2 - 0x7f00_0000_0000 + (iova - e.0));
+                let got = t.translate(RID, iova, access).ok().map(|m| {
+                    proptest::prop_assert!(m.contains(iova));
+                    Ok(m.gpa_of(iova))
+                });
+                let got = match got {
+                    Some(r) => Some(r?),
+                    None => None,
+                };
+                proptest::prop_assert_eq!(got, want, "iova {:#x} {:?}", iova, access);
+            }
+        }
+    }
+
     #[test]
     fn miss_without_channel_fails_at_once() {
         let t = tlb();
