@@ -535,6 +535,10 @@ impl DmaFaultHook for VhostIotlb {
         }
         let page = fault.iova & !(PageSize::Size4K.bytes() - 1);
         let g0 = *lock(&self.generation);
+        // Another queue's miss may have brought the entry meanwhile.
+        if self.translate(fault.rid, fault.iova, fault.access).is_ok() {
+            return HookAction::Retry;
+        }
         if !self.send_miss(page, fault.access) {
             return HookAction::Fail;
         }
