@@ -1,7 +1,7 @@
 //! `iovirt-vhost-user-blk`: serve a disk as a vhost-user-blk device.
 //!
 //! ```text
-//! iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID] [--control SOCK]
+//! iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID] [--control SOCK] [--iommu-platform on]
 //! ```
 //! SPEC is `path=FILE[,readonly=on][,cache=none|writethrough|writeback|unsafe][,engine=auto|io_uring|threads]`,
 //! `stack=FILE.toml` (an iovirt-filter stack, docs/FILTERS.md), `null[,size=1G]` or `memory,size=64M`. `--control SOCK` serves the JSON-lines control interface
@@ -16,7 +16,7 @@ use iovirt_vhost_user_blk::disk::DiskSpec;
 use iovirt_vhost_user_blk::server::{serve, ServerConfig};
 use iovirt_vhost_user_blk::Error;
 
-const USAGE: &str = "usage: iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID] [--poll-us N] [--connections N] [--control SOCK]
+const USAGE: &str = "usage: iovirt-vhost-user-blk --socket PATH --disk SPEC [--queues N] [--queue-size N] [--serial ID] [--poll-us N] [--connections N] [--control SOCK] [--iommu-platform on|off]
   --disk path=FILE[,readonly=on][,cache=none|writethrough|writeback|unsafe][,engine=auto|io_uring|threads]
   --disk stack=FILE.toml     a filter stack (docs/FILTERS.md); readonly/cache go in the file
   --disk null[,size=1G]      a disk that stores nothing (benchmarks)
@@ -26,7 +26,10 @@ const USAGE: &str = "usage: iovirt-vhost-user-blk --socket PATH --disk SPEC [--q
   --serial ID                serial number (GET_ID, up to 20 bytes; default iovirt)
   --poll-us N                after a kick, poll the ring N microseconds before sleeping (default 50, 0: off)
   --connections N            exit after serving N frontends (default: serve forever)
-  --control SOCK             serve the JSON-lines control interface (docs/CONTROL.md) on a unix socket";
+  --control SOCK             serve the JSON-lines control interface (docs/CONTROL.md) on a unix socket
+
+  --iommu-platform on|off    offer VIRTIO_F_ACCESS_PLATFORM: DMA through the frontend's vIOMMU
+                             with vhost-user IOTLB messages (default off; docs/IOMMU.md)";
 
 /// The command line: the disk, the server, and the control socket if any.
 struct Args {
@@ -46,6 +49,7 @@ fn parse_args() -> Result<Args, Error> {
         serial: "iovirt".into(),
         connections: None,
         poll: std::time::Duration::from_micros(50),
+        iommu_platform: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -111,6 +115,13 @@ fn parse_args() -> Result<Args, Error> {
                     return Err(Error::Usage(format!("--control needs a path\n{USAGE}")));
                 }
                 control = Some(PathBuf::from(v));
+            }
+            "--iommu-platform" => {
+                cfg.iommu_platform = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    v => return Err(Error::Usage(format!("--iommu-platform {v}: on or off"))),
+                }
             }
             _ => return Err(Error::Usage(format!("unknown argument {a:?}\n{USAGE}"))),
         }

@@ -10,6 +10,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::device::BlkDevice;
+use crate::iotlb::VhostIotlb;
 use crate::Error;
 use iovirt_virtio::block::BlockConfig;
 
@@ -28,6 +29,8 @@ pub struct ServerConfig {
     pub poll: std::time::Duration,
     /// Serve this many connections, then return (`None`: forever).
     pub connections: Option<u64>,
+    /// Offer VIRTIO_F_ACCESS_PLATFORM with a device IOTLB (`--iommu-platform on`).
+    pub iommu_platform: bool,
 }
 
 /// Listen on the socket and serve `disk` to one frontend at a time. When a
@@ -58,7 +61,11 @@ pub fn serve(disk: Arc<dyn BlockBackend>, cfg: &ServerConfig) -> Result<(), Erro
     let mut served = 0u64;
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let dev = BlkDevice::new(disk.clone(), blk_cfg.clone(), mem.clone(), cfg.poll)?;
+        let iotlb = cfg.iommu_platform.then(|| Arc::new(VhostIotlb::default()));
+        let mut dev = BlkDevice::new(disk.clone(), blk_cfg.clone(), mem.clone(), cfg.poll)?;
+        if let Some(t) = &iotlb {
+            dev = dev.with_iotlb(t.clone());
+        }
         let mut daemon = VhostUserDaemon::new("iovirt-vhost-user-blk".into(), dev.clone(), mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
         for (handler, fd) in daemon.get_epoll_handlers().iter().zip(dev.completion_fds()) {
@@ -66,9 +73,13 @@ pub fn serve(disk: Arc<dyn BlockBackend>, cfg: &ServerConfig) -> Result<(), Erro
                 .register_listener(fd, EventSet::IN, dev.completion_event_id())
                 .map_err(Error::Setup)?;
         }
-        daemon
-            .start(&mut listener)
-            .map_err(|e| Error::Daemon(e.to_string()))?;
+        let relay = match iotlb {
+            Some(t) => Some(crate::proxy::start_relayed(&mut daemon, &mut listener, t)?),
+            None => daemon
+                .start(&mut listener)
+                .map(|()| None)
+                .map_err(|e| Error::Daemon(e.to_string()))?,
+        };
         log::info!("frontend connected");
         match daemon.wait() {
             Ok(())
@@ -76,6 +87,9 @@ pub fn serve(disk: Arc<dyn BlockBackend>, cfg: &ServerConfig) -> Result<(), Erro
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
             )) => log::info!("frontend disconnected"),
             Err(e) => log::warn!("frontend connection ended: {e}"),
+        }
+        if let Some(r) = relay {
+            r.finish();
         }
         drop(daemon);
         served += 1;
