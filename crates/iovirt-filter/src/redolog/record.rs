@@ -101,51 +101,21 @@ pub enum RecordError {
     },
 }
 
-const fn crc_table() -> [u32; 256] {
-    let mut t = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xedb8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[i] = c;
-        i += 1;
-    }
-    t
-}
-
-static CRC_TABLE: [u32; 256] = crc_table();
-
-/// A running CRC-32 (IEEE 802.3, as zlib's `crc32`).
-#[derive(Clone, Copy, Debug)]
-pub struct Crc32(u32);
-
-impl Default for Crc32 {
-    fn default() -> Self {
-        Crc32(0xffff_ffff)
-    }
-}
+/// A running CRC-32 (IEEE 802.3, as zlib's `crc32`), computed by `crc32fast`
+/// (carry-less multiplication where the CPU has it: a 4 KiB record costs a
+/// fraction of a microsecond instead of several with a byte-wise table).
+#[derive(Clone, Debug, Default)]
+pub struct Crc32(crc32fast::Hasher);
 
 impl Crc32 {
     /// Feed bytes.
     pub fn update(&mut self, data: &[u8]) {
-        let mut c = self.0;
-        for &b in data {
-            c = CRC_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
-        }
-        self.0 = c;
+        self.0.update(data);
     }
 
     /// The checksum of everything fed.
     pub fn finish(self) -> u32 {
-        !self.0
+        self.0.finalize()
     }
 }
 
