@@ -28,6 +28,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::Error;
 
@@ -60,11 +61,50 @@ impl VirtioInterrupt for CallInterrupt {
     }
 }
 
+/// The running queue and its coalescing deadline timer.
+struct Running {
+    /// The running queue, between its first kick and GET_VRING_BASE.
+    handler: Option<QueueHandler<GuestMem>>,
+    /// With coalescing: fires at the handler's `coalesce_deadline()`; in the worker's epoll.
+    timer: Option<TimerFd>,
+    /// The deadline the timer is armed for.
+    armed: Option<Instant>,
+}
+
+impl Running {
+    /// Arm the timer for the handler's coalescing deadline, if it moved.
+    fn arm(&mut self, queue: u16) {
+        let (Some(t), Some(h)) = (self.timer.as_mut(), self.handler.as_ref()) else {
+            return;
+        };
+        let Some(d) = h.coalesce_deadline() else {
+            return;
+        };
+        if self.armed == Some(d) {
+            return;
+        }
+        // A zero duration would disarm the timer: wait at least 1 ns.
+        let wait = d
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_nanos(1));
+        match t.reset(wait, None) {
+            Ok(()) => self.armed = Some(d),
+            Err(e) => {
+                // Without the timer the interrupt must not wait: deliver now.
+                log::warn!("queue {queue}: cannot arm the coalescing timer: {e}");
+                if let Some(h) = self.handler.as_mut() {
+                    h.flush_interrupts();
+                }
+            }
+        }
+    }
+}
+
 /// Per-queue state.
 struct QueueCtx {
     index: u16,
-    /// The running queue, between its first kick and GET_VRING_BASE.
-    handler: Mutex<Option<QueueHandler<GuestMem>>>,
+    /// The running queue and its timer.
+    run: Mutex<Running>,
     /// Written when a completion on another thread is waiting; in the worker's epoll.
     wake: Arc<EventFd>,
     /// The vring (remembered at the first event, for GET_VRING_BASE).
@@ -119,12 +159,22 @@ impl BlkDevice {
     ) -> Result<Self, Error> {
         let num_queues = cfg.num_queues;
         let queue_size = cfg.queue_size;
+        let coalescing = cfg.coalescing.is_some();
         let blk = VirtioBlock::new(disk, cfg).map_err(|e| Error::Usage(e.to_string()))?;
         let queues = (0..num_queues)
             .map(|index| {
+                let timer = if coalescing {
+                    Some(TimerFd::new()?)
+                } else {
+                    None
+                };
                 Ok(QueueCtx {
                     index,
-                    handler: Mutex::new(None),
+                    run: Mutex::new(Running {
+                        handler: None,
+                        timer,
+                        armed: None,
+                    }),
                     wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
                     vring: OnceLock::new(),
                 })
@@ -149,6 +199,35 @@ impl BlkDevice {
     /// The event id of completion wake-ups (the first one the event loop leaves to back-ends).
     pub fn completion_event_id(&self) -> u64 {
         self.0.queues.len() as u64 + 1
+    }
+
+    /// With coalescing on, each queue's deadline timer (timerfd); the server
+    /// registers queue `i`'s with worker `i` under [`BlkDevice::timer_event_id`].
+    /// Empty when coalescing is off.
+    pub fn timer_fds(&self) -> Vec<RawFd> {
+        self.0
+            .queues
+            .iter()
+            .filter_map(|q| {
+                let run = q.run.lock().unwrap_or_else(|e| e.into_inner());
+                run.timer.as_ref().map(|t| t.as_raw_fd())
+            })
+            .collect()
+    }
+
+    /// The event id of coalescing deadline timers.
+    pub fn timer_event_id(&self) -> u64 {
+        self.0.queues.len() as u64 + 2
+    }
+
+    /// Requests this device put on its used rings, over all queues.
+    pub fn completions(&self) -> u64 {
+        self.0.blk.completions()
+    }
+
+    /// Interrupts (call eventfd writes) this device sent, over all queues.
+    pub fn interrupts(&self) -> u64 {
+        self.0.blk.interrupts_signalled()
     }
 
     fn virtio(&self) -> &dyn VirtioDevice<GuestMem> {
@@ -180,6 +259,9 @@ impl BlkDevice {
             if spins % 64 == 0 {
                 if h.inflight() > 0 {
                     h.process_completions();
+                }
+                if h.coalesce_deadline().is_some_and(|d| Instant::now() >= d) {
+                    h.flush_interrupts();
                 }
                 if Instant::now() >= deadline {
                     // Re-arm the driver's kicks; if it posted meanwhile, go on polling.
@@ -285,9 +367,15 @@ impl VhostUserBackend for BlkDevice {
         let Some(q) = self.0.queues.get(queue_index as usize) else {
             return Ok(());
         };
-        let Some(mut h) = q.handler.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        let mut run = q.run.lock().unwrap_or_else(|e| e.into_inner());
+        run.armed = None;
+        if let Some(t) = run.timer.as_mut() {
+            let _ = t.clear();
+        }
+        let Some(mut h) = run.handler.take() else {
             return Ok(());
         };
+        drop(run);
         // Finish what is in flight, so the used ring is complete when the frontend reads it.
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
@@ -304,6 +392,7 @@ impl VhostUserBackend for BlkDevice {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+        h.flush_interrupts();
         if let Some(v) = q.vring.get() {
             let mut v = v.get_mut();
             let queue = v.get_queue_mut();
@@ -325,20 +414,33 @@ impl VhostUserBackend for BlkDevice {
             return Ok(());
         };
         let _ = q.vring.set(vring.clone());
-        let mut slot = q.handler.lock().unwrap_or_else(|e| e.into_inner());
-        if u64::from(device_event) == self.completion_event_id() {
+        let mut run = q.run.lock().unwrap_or_else(|e| e.into_inner());
+        let id = u64::from(device_event);
+        if id == self.completion_event_id() {
             let _ = q.wake.read();
-            if let Some(h) = slot.as_mut() {
+            if let Some(h) = run.handler.as_mut() {
                 h.process_completions();
             }
-        } else if device_event == 0 {
-            if slot.is_none() {
-                *slot = self.start_queue(q, vring);
+        } else if id == self.timer_event_id() {
+            if let Some(t) = run.timer.as_mut() {
+                // A timer re-armed since it fired is not readable (reading would block).
+                if !t.is_armed().unwrap_or(true) {
+                    let _ = t.wait();
+                    run.armed = None;
+                    if let Some(h) = run.handler.as_mut() {
+                        h.flush_interrupts();
+                    }
+                }
             }
-            if let Some(h) = slot.as_mut() {
+        } else if device_event == 0 {
+            if run.handler.is_none() {
+                run.handler = self.start_queue(q, vring);
+            }
+            if let Some(h) = run.handler.as_mut() {
                 self.poll(h);
             }
         }
+        run.arm(q.index);
         // Errors are logged by the queue handler; returning one would stop this worker.
         Ok(())
     }
