@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use iovirt_sched::ClientParams;
+use iovirt_sched::{ClientParams, StageConfig};
 
 use crate::disk::DiskSpec;
 use crate::Error;
@@ -38,6 +38,8 @@ EXPORT OPTIONS:
   --coalesce on|off          virtual interrupt coalescing (vIC): fewer interrupts at high queue depth
 With several exports, or any --weight/--reservation/--limit, all exports share one mClock
 scheduling stage (docs/SCHEDULING.md).
+  --sched-depth N            requests in flight at the back-ends over all exports (default 32): small
+                             enough that the device's own queue does not undo the schedule
   --connections N            each export exits after serving N frontends (default: serve forever)";
 
 /// One export: a socket, a disk and how to present and schedule it.
@@ -70,6 +72,8 @@ pub struct DaemonConfig {
     pub exports: Vec<ExportConfig>,
     /// Each export serves this many connections, then stops (`None`: forever).
     pub connections: Option<u64>,
+    /// Requests the scheduling stage keeps in flight at the back-ends.
+    pub sched_depth: usize,
 }
 
 impl DaemonConfig {
@@ -163,6 +167,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Err
     let mut defaults = Group::default();
     let mut groups: Vec<Group> = Vec::new();
     let mut connections = None;
+    let mut sched_depth = StageConfig::default().max_outstanding;
     let mut args = args.into_iter();
     while let Some(a) = args.next() {
         let (key, inline) = match a.split_once('=') {
@@ -207,6 +212,10 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Err
         }
         if key == "--connections" {
             connections = Some(num(value()?, u64::MAX)?);
+            continue;
+        }
+        if key == "--sched-depth" {
+            sched_depth = num(value()?, 4096)? as usize;
             continue;
         }
         let g = groups.last_mut().unwrap_or(&mut defaults);
@@ -284,6 +293,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Err
     Ok(Command::Serve(DaemonConfig {
         exports,
         connections,
+        sched_depth,
     }))
 }
 
@@ -318,12 +328,12 @@ mod tests {
     #[test]
     fn several_exports_with_defaults() {
         let c = parse(
-            "--poll-us 0 --coalesce on --connections 3 \
+            "--poll-us 0 --coalesce on --connections 3 --sched-depth 8 \
              --export a --socket /a --disk path=/a.img,cache=none --weight 2 --reservation 100 \
              --export b --socket /b --disk null --limit 500 --coalesce off --serial vm-b",
         )
         .unwrap();
-        assert_eq!(c.connections, Some(3));
+        assert_eq!((c.connections, c.sched_depth), (Some(3), 8));
         assert!(c.scheduled());
         let [a, b] = &c.exports[..] else {
             panic!("{c:?}")

@@ -82,7 +82,10 @@ impl Exports {
     pub fn open(cfg: &DaemonConfig) -> Result<Exports, Error> {
         let sched = if cfg.scheduled() {
             let sched = Arc::new(SharedScheduler::new(
-                StageConfig::default(),
+                StageConfig {
+                    max_outstanding: cfg.sched_depth,
+                    ..StageConfig::default()
+                },
                 Arc::new(MonotonicClock::default()),
             ));
             let timer = sched.spawn_timer().map_err(Error::Setup)?;

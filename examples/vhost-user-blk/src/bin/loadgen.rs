@@ -12,9 +12,17 @@
 //! and end of each job's measured window and reports the daemon's CPU-seconds
 //! and IOPS per daemon CPU-second ("IOPS per core").
 //!
+//! With `--interval-ms N` it also counts completions in every N ms of the
+//! measured window and reports them as IOPS per interval (`interval_iops` in
+//! the JSON), so a test can check a rate in every window, not only on
+//! average. With `--start-at UNIX_MS` it connects at once but starts the
+//! first job only at that wall-clock time, so several load generators
+//! against one daemon measure the same window.
+//!
 //! ```text
 //! iovirt-blk-loadgen --socket PATH [--duration 5] [--depths 1,32] [--ops randread,randwrite]
 //!                    [--bs 4096] [--label NAME] [--json FILE] [--cpu-pid PID]
+//!                    [--interval-ms N] [--start-at UNIX_MS]
 //! ```
 
 use std::mem::MaybeUninit;
@@ -24,7 +32,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, ReqFlags};
 use serde::Serialize;
 
-const USAGE: &str = "usage: iovirt-blk-loadgen --socket PATH [--duration SECS] [--depths 1,32] [--ops randread,randwrite] [--bs 4096] [--label NAME] [--json FILE] [--cpu-pid PID]";
+const USAGE: &str = "usage: iovirt-blk-loadgen --socket PATH [--duration SECS] [--depths 1,32] [--ops randread,randwrite] [--bs 4096] [--label NAME] [--json FILE] [--cpu-pid PID] [--interval-ms N] [--start-at UNIX_MS]";
 
 /// Why a run failed; printed as one line.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +88,8 @@ struct Args {
     label: String,
     json: Option<String>,
     cpu_pid: Option<u32>,
+    interval: Option<Duration>,
+    start_at: Option<std::time::SystemTime>,
 }
 
 /// CPU time in seconds (user + system, all threads, live and exited) of process `pid`.
@@ -106,6 +116,8 @@ fn parse_args() -> Result<Args, Error> {
         label: String::new(),
         json: None,
         cpu_pid: None,
+        interval: None,
+        start_at: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -152,6 +164,18 @@ fn parse_args() -> Result<Args, Error> {
                 }
                 a.cpu_pid = Some(pid);
             }
+            "--interval-ms" => {
+                let ms = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|m| (1..=3_600_000).contains(m))
+                    .ok_or_else(bad)?;
+                a.interval = Some(Duration::from_millis(ms));
+            }
+            "--start-at" => {
+                let ms = v.parse::<u64>().map_err(|_| bad())?;
+                a.start_at = Some(std::time::UNIX_EPOCH + Duration::from_millis(ms));
+            }
             _ => return Err(Error::Usage(format!("unknown argument {k:?}\n{USAGE}"))),
         }
     }
@@ -183,6 +207,13 @@ struct JobResult {
     /// IOPS per daemon CPU-second: I/Os / daemon CPU-seconds (with `--cpu-pid`).
     #[serde(skip_serializing_if = "Option::is_none")]
     iops_per_cpu_s: Option<f64>,
+    /// Length of each `interval_iops` window, ms (with `--interval-ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interval_ms: Option<u64>,
+    /// Completions per second in each window of the measured time, in order
+    /// (the last, partial window left out).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    interval_iops: Vec<f64>,
 }
 
 /// xorshift64*: cheap, good enough to spread offsets.
@@ -236,6 +267,7 @@ impl Rig {
         }
         let mut inflight = depth;
         let measure_from = t0 + Duration::from_millis(200);
+        let mut windows: Vec<u64> = Vec::new();
         let end = measure_from + a.duration;
         let mut measured_start = None;
         let mut cpu_start = None;
@@ -262,6 +294,17 @@ impl Rig {
                 if let Some(s) = start.get(slot) {
                     if measuring && !stop {
                         lats.push(now.duration_since(*s).as_nanos().min(u32::MAX as u128) as u32);
+                        if let Some(iv) = a.interval {
+                            let w = (now.duration_since(measure_from).as_nanos()
+                                / iv.as_nanos().max(1))
+                                as usize;
+                            if windows.len() <= w {
+                                windows.resize(w + 1, 0);
+                            }
+                            if let Some(c) = windows.get_mut(w) {
+                                *c += 1;
+                            }
+                        }
                     }
                 }
                 if !stop {
@@ -292,6 +335,18 @@ impl Rig {
         let iops = if secs > 0.0 { ios as f64 / secs } else { 0.0 };
         let daemon_cpu_s = cpu_start.zip(cpu_end).map(|(s, e)| (e - s).max(0.0));
         let iops_per_cpu_s = daemon_cpu_s.filter(|c| *c > 0.0).map(|c| ios as f64 / c);
+        // Whole windows only: the last one may be cut short by the end.
+        let interval_iops = match a.interval {
+            Some(iv) => {
+                let whole = (a.duration.as_nanos() / iv.as_nanos().max(1)) as usize;
+                windows.resize(whole, 0);
+                windows
+                    .iter()
+                    .map(|&n| n as f64 / iv.as_secs_f64())
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         Ok(JobResult {
             label: a.label.clone(),
             op,
@@ -308,6 +363,8 @@ impl Rig {
             lat_max_us: lats.last().map_or(0.0, |&l| f64::from(l) / 1000.0),
             daemon_cpu_s,
             iops_per_cpu_s,
+            interval_ms: a.interval.map(|iv| iv.as_millis() as u64),
+            interval_iops,
         })
     }
 }
@@ -355,6 +412,11 @@ fn run() -> Result<(), Error> {
         blocks,
         rng: Rng(0x9e37_79b9_7f4a_7c15),
     };
+    if let Some(at) = a.start_at {
+        if let Ok(wait) = at.duration_since(std::time::SystemTime::now()) {
+            std::thread::sleep(wait);
+        }
+    }
     let mut results = Vec::new();
     for &op in &a.ops {
         for &d in &a.depths {
@@ -368,6 +430,15 @@ fn run() -> Result<(), Error> {
                 println!(
                     "{:<12} daemon CPU {c:.2} s, {k:.0} IOPS per daemon CPU-second",
                     r.label
+                );
+            }
+            if !r.interval_iops.is_empty() {
+                let list: Vec<String> = r.interval_iops.iter().map(|v| format!("{v:.0}")).collect();
+                println!(
+                    "{:<12} IOPS per {} ms: {}",
+                    r.label,
+                    r.interval_ms.unwrap_or(0),
+                    list.join(" ")
                 );
             }
             results.push(r);
