@@ -81,6 +81,7 @@ use iovirt_backend::{
 use crate::aggregate::{Aggregate, AggregateError};
 use crate::crypt::{CryptError, CryptOptions};
 use crate::fault::{FaultFilter, FaultHandle, FaultOptions, Rule};
+use crate::migrate::{Migration, MigrationError, MigrationHandle, MigrationOptions};
 use crate::mirror::{Mirror, MirrorError, MirrorHandle, MirrorOptions};
 use crate::multipath::{Multipath, MultipathError, MultipathHandle, MultipathOptions};
 use crate::redolog::{RedoLog, RedoLogError, RedoLogHandle, RedoLogOptions};
@@ -222,7 +223,7 @@ pub enum StackError {
         #[source]
         source: OpenError,
     },
-    /// A mirror, redo-log, aggregation or multipath filter could not be built.
+    /// A mirror, redo-log, aggregation, multipath or migration filter could not be built.
     #[error("{node}: {source}")]
     Filter {
         /// The node.
@@ -242,7 +243,7 @@ pub enum StackError {
     },
 }
 
-/// Why a mirror, redo-log, aggregation or multipath node could not be built.
+/// Why a mirror, redo-log, aggregation, multipath or migration node could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum FilterBuildError {
     /// From [`crate::mirror::Mirror::new`].
@@ -257,6 +258,9 @@ pub enum FilterBuildError {
     /// From [`crate::multipath::Multipath::new`].
     #[error(transparent)]
     Multipath(#[from] MultipathError),
+    /// From [`crate::migrate::Migration::new`].
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
 }
 
 /// A parsed stack description: the disk's name and its top node.
@@ -357,6 +361,11 @@ pub enum FilterSpec {
     /// `filter = "multipath"`: [`crate::multipath::Multipath`] over paths to one disk
     /// (`policy`, `timeout-ms`).
     Multipath(MultipathOptions),
+    /// `filter = "migrate"`: [`crate::migrate::Migration`] over its child, the
+    /// disk's current back-end, ready to move it elsewhere at run time
+    /// (`chunk-size`, `converge-bytes`, `max-passes`, `stall-passes`,
+    /// `max-rate`, `drain-timeout-ms`).
+    Migrate(MigrationOptions),
 }
 
 impl FilterSpec {
@@ -370,13 +379,17 @@ impl FilterSpec {
             FilterSpec::Concat => "concat",
             FilterSpec::Stripe { .. } => "stripe",
             FilterSpec::Multipath(_) => "multipath",
+            FilterSpec::Migrate(_) => "migrate",
         }
     }
 
     /// How many children the filter takes (least, most).
     pub fn children(&self) -> (usize, usize) {
         match self {
-            FilterSpec::Fault { .. } | FilterSpec::Crypt(_) | FilterSpec::RedoLog { .. } => (1, 1),
+            FilterSpec::Fault { .. }
+            | FilterSpec::Crypt(_)
+            | FilterSpec::RedoLog { .. }
+            | FilterSpec::Migrate(_) => (1, 1),
             FilterSpec::Mirror(_) => (2, MAX_CHILDREN),
             FilterSpec::Concat | FilterSpec::Stripe { .. } | FilterSpec::Multipath(_) => {
                 (1, MAX_CHILDREN)
@@ -393,8 +406,8 @@ impl FilterSpec {
 /// The most children a mirror, aggregate or multipath node may have.
 pub const MAX_CHILDREN: usize = 64;
 
-/// The run-time control of one mirror, redo-log or multipath node, for a
-/// control interface that addresses nodes by path.
+/// The run-time control of one mirror, redo-log, multipath or migration
+/// node, for a control interface that addresses nodes by path.
 #[derive(Clone, Debug)]
 pub enum NodeControl {
     /// A mirror: fail/return children, resync progress, verify.
@@ -403,6 +416,8 @@ pub enum NodeControl {
     RedoLog(RedoLogHandle),
     /// A multipath disk: path status, fail/restore paths.
     Multipath(MultipathHandle),
+    /// A migration filter: start, watch and cancel a live migration.
+    Migration(MigrationHandle),
 }
 
 /// A built stack: the top back-end, and the control handles of its fault,
@@ -412,6 +427,7 @@ pub struct Stack {
     pub backend: Arc<dyn BlockBackend>,
     faults: Vec<(String, FaultHandle)>,
     controls: Vec<(String, NodeControl)>,
+    files: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -466,6 +482,20 @@ impl Stack {
         }
     }
 
+    /// The migration filter at node `path`.
+    pub fn migration(&self, path: &str) -> Option<&MigrationHandle> {
+        match self.control(path)? {
+            NodeControl::Migration(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// Every file the stack uses (images, logs, bitmaps), as canonical paths:
+    /// what a migration target must not be.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
     /// The multipath disk at node `path`.
     pub fn multipath(&self, path: &str) -> Option<&MultipathHandle> {
         match self.control(path)? {
@@ -510,8 +540,15 @@ impl StackSpec {
     /// disk, key files exist, and no file is used twice. Whether a key opens
     /// the volume is only known when [`StackSpec::build`] opens it.
     pub fn validate(&self) -> Result<(), StackError> {
+        self.validate_files().map(|_| ())
+    }
+
+    fn validate_files(&self) -> Result<Vec<PathBuf>, StackError> {
         let mut files = HashMap::new();
-        validate_node(&self.root, &mut files).map(|_| ())
+        validate_node(&self.root, &mut files)?;
+        let mut files: Vec<PathBuf> = files.into_keys().collect();
+        files.sort();
+        Ok(files)
     }
 
     /// Validate, then open every node, bottom up. All or nothing: on an error
@@ -522,7 +559,7 @@ impl StackSpec {
 
     /// [`StackSpec::build`], keeping the fault filters' control handles.
     pub fn build_stack(&self) -> Result<Stack, StackError> {
-        self.validate()?;
+        let files = self.validate_files()?;
         let mut faults = Vec::new();
         let mut controls = Vec::new();
         let backend = build_node(&self.root, &mut faults, &mut controls)?;
@@ -532,6 +569,7 @@ impl StackSpec {
             backend,
             faults,
             controls,
+            files,
         })
     }
 }
@@ -666,6 +704,46 @@ fn validate_node(
                     Ok(child_size)
                 }
                 FilterSpec::Multipath(_) => Ok(child_size),
+                FilterSpec::Migrate(opts) => {
+                    let bad = |key: &str, reason: String| StackError::BadValue {
+                        node: node.path.clone(),
+                        key: key.into(),
+                        reason,
+                    };
+                    if opts.chunk_size == 0 || opts.chunk_size % 512 != 0 {
+                        return Err(bad(
+                            "chunk-size",
+                            format!(
+                                "{} is not a positive multiple of 512 bytes",
+                                opts.chunk_size
+                            ),
+                        ));
+                    }
+                    if let Some(cap) = child_size {
+                        if opts.chunk_size > cap {
+                            return Err(size_err(format!(
+                                "chunk-size {} is larger than the {cap} bytes of {}",
+                                opts.chunk_size, sizes[0].0.path
+                            )));
+                        }
+                    }
+                    if opts.max_passes == 0 {
+                        return Err(bad("max-passes", "must be at least 1".into()));
+                    }
+                    if opts.stall_passes == 0 {
+                        return Err(bad("stall-passes", "must be at least 1".into()));
+                    }
+                    if opts.max_rate == Some(0) {
+                        return Err(bad(
+                            "max-rate",
+                            "0 bytes per second would never copy (leave it out for no cap)".into(),
+                        ));
+                    }
+                    if opts.drain_timeout.is_zero() {
+                        return Err(bad("drain-timeout-ms", "must be at least 1".into()));
+                    }
+                    Ok(child_size)
+                }
                 FilterSpec::Concat => Ok(sizes
                     .iter()
                     .try_fold(0u64, |acc, (_, s)| s.and_then(|s| acc.checked_add(s)))),
@@ -895,6 +973,12 @@ fn build_node(
                         .map_err(|e| filter_err(e.into()))?;
                     own_controls.push((node.path.clone(), NodeControl::RedoLog(r.handle())));
                     Arc::new(r)
+                }
+                FilterSpec::Migrate(opts) => {
+                    let m =
+                        Migration::new(child, opts.clone()).map_err(|e| filter_err(e.into()))?;
+                    own_controls.push((node.path.clone(), NodeControl::Migration(m.handle())));
+                    Arc::new(m)
                 }
                 FilterSpec::Mirror(_)
                 | FilterSpec::Concat

@@ -263,3 +263,43 @@ fn a_failing_node_leaves_nothing_open() {
         )
     );
 }
+
+#[test]
+fn a_migrate_node_exposes_its_handle_and_moves_the_disk() {
+    use iovirt_backend::{Inline, MemoryBackend};
+    use iovirt_filter::migrate::MigrationState;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("src.img"), vec![3u8; 1 << 20]).unwrap();
+    let spec = StackSpec::from_toml_str_in(
+        r#"
+        [vdm]
+        filter = "migrate"
+        chunk-size = "128K"
+        converge-bytes = "256K"
+        max-passes = 5
+        stall-passes = 2
+        max-rate = "1G"
+        drain-timeout-ms = 500
+        [vdm.child]
+        backend = "file"
+        path = "src.img"
+        cache = "writeback"
+        "#,
+        dir.path(),
+    )
+    .unwrap();
+    let stack = spec.build_stack().unwrap();
+    assert_eq!(
+        stack.files(),
+        &[std::fs::canonicalize(dir.path().join("src.img")).unwrap()]
+    );
+    let m = stack.migration("vdm").expect("a migration handle");
+    assert_eq!(m.progress().state, MigrationState::Idle);
+    submit_wait(&stack.backend, write(0, 9, 4096)).unwrap();
+    let target = std::sync::Arc::new(Inline(MemoryBackend::new(1 << 20)));
+    m.start(target.clone()).unwrap();
+    let p = m.wait(std::time::Duration::from_secs(10));
+    assert_eq!(p.state, MigrationState::Switched, "{p:?}");
+    assert_eq!(target.0.contents()[..4096], [9; 4096][..]);
+    assert_eq!(read(&*stack.backend, 4096, 4096), vec![3; 4096]);
+}

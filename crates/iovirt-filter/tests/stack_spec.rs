@@ -162,8 +162,8 @@ fn every_mistake_is_one_line_naming_the_node() {
         ("disk = 3".into(), "stack description: \"disk\" must be a table ([disk]), not a integer".into()),
         // Kinds.
         ("[disk]\nbackend = \"tape\"".into(), "disk: unknown back-end \"tape\" (expected file, memory, null or image)".into()),
-        ("[disk]\nfilter = \"zip\"".into(), "disk: unknown filter \"zip\" (expected fault, crypt, mirror, redolog, concat, stripe or multipath)".into()),
-        ("[disk]\nsize = 1".into(), "disk: needs backend = (file, memory, null or image) or filter = (fault, crypt, mirror, redolog, concat, stripe or multipath)".into()),
+        ("[disk]\nfilter = \"zip\"".into(), "disk: unknown filter \"zip\" (expected fault, crypt, mirror, redolog, concat, stripe, multipath or migrate)".into()),
+        ("[disk]\nsize = 1".into(), "disk: needs backend = (file, memory, null or image) or filter = (fault, crypt, mirror, redolog, concat, stripe, multipath or migrate)".into()),
         ("[disk]\nbackend = \"null\"\nfilter = \"fault\"".into(), "disk: give either backend = ... or filter = ..., not both".into()),
         // Options.
         ("[disk]\nbackend = \"memory\"\nsize = \"1M\"\ncolour = \"red\"".into(), "disk: unknown option \"colour\" for backend \"memory\" (expected backend, size)".into()),
@@ -183,6 +183,14 @@ fn every_mistake_is_one_line_naming_the_node() {
         ("[disk]\nfilter = \"fault\"\nfail = [{ offset = \"2M..1M\" }]\n[disk.child]\nbackend = \"null\"".into(), "disk.fail[0]: offset: range \"2M..1M\" is empty".into()),
         ("[disk]\nfilter = \"fault\"\nrate-limit = [{ burst = 2 }]\n[disk.child]\nbackend = \"null\"".into(), "disk.rate-limit[0]: missing iops or bytes-per-second".into()),
         ("[disk]\nfilter = \"fault\"\nchild = 3".into(), "disk: child: expected a table ([disk.child]), found a integer".into()),
+        // The migration filter's options.
+        ("[disk]\nfilter = \"migrate\"\nchunk-size = 1000\n[disk.child]\nbackend = \"null\"".into(), "disk: chunk-size: 1000 is not a positive multiple of 512 bytes".into()),
+        ("[disk]\nfilter = \"migrate\"\nchunk-size = \"4M\"\n[disk.child]\nbackend = \"memory\"\nsize = \"1M\"".into(), "disk: size mismatch: chunk-size 4194304 is larger than the 1048576 bytes of disk.child".into()),
+        ("[disk]\nfilter = \"migrate\"\nmax-passes = 0\n[disk.child]\nbackend = \"null\"".into(), "disk: max-passes: must be at least 1".into()),
+        ("[disk]\nfilter = \"migrate\"\nstall-passes = 99999999999\n[disk.child]\nbackend = \"null\"".into(), "disk: stall-passes: 99999999999 is too large".into()),
+        ("[disk]\nfilter = \"migrate\"\nmax-rate = 0\n[disk.child]\nbackend = \"null\"".into(), "disk: max-rate: 0 bytes per second would never copy (leave it out for no cap)".into()),
+        ("[disk]\nfilter = \"migrate\"\ntarget = \"x.img\"\n[disk.child]\nbackend = \"null\"".into(), "disk: unknown option \"target\" for filter \"migrate\" (expected filter, child, children, chunk-size, converge-bytes, max-passes, stall-passes, max-rate, drain-timeout-ms)".into()),
+        ("[disk]\nfilter = \"migrate\"\n[[disk.children]]\nbackend = \"null\"\n[[disk.children]]\nbackend = \"null\"".into(), "disk: filter \"migrate\" takes 1 child node(s), found 2".into()),
         // Host checks (validate), naming the node deep in the tree.
         (format!("[disk]\nfilter = \"fault\"\n[disk.child]\nfilter = \"fault\"\n[disk.child.child]\nbackend = \"file\"\npath = \"{}\"", d.join("x.img").display()),
          format!("disk.child.child: file {:?} does not exist", d.join("x.img"))),

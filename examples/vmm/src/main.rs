@@ -175,7 +175,7 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
     let _control = match &cfg.control {
         Some(path) => {
             let control = control::Control::new(
-                std::mem::take(&mut disks.list),
+                control::disks(std::mem::take(&mut disks.list)),
                 disks.sched.as_ref().map(|s| s.scheduler().clone()),
             );
             let server =

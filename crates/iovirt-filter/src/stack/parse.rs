@@ -11,13 +11,15 @@ use toml::{Table, Value};
 use super::{BackendSpec, FilterSpec, NodeKind, NodeSpec, StackError, StackSpec};
 use crate::crypt::CryptOptions;
 use crate::fault::{Action, FaultOptions, InjectedError, Op, Rule, Selector, TearThen};
+use crate::migrate::MigrationOptions;
 use crate::mirror::{MirrorOptions, ReadPolicy};
 use crate::multipath::{MultipathOptions, PathPolicy};
 
 /// The back-ends a node may name.
 pub(super) const BACKENDS: &str = "file, memory, null or image";
 /// The filters a node may name.
-pub(super) const FILTERS: &str = "fault, crypt, mirror, redolog, concat, stripe or multipath";
+pub(super) const FILTERS: &str =
+    "fault, crypt, mirror, redolog, concat, stripe, multipath or migrate";
 
 pub(super) fn parse_document(text: &str, base: Option<&Path>) -> Result<StackSpec, StackError> {
     let doc: Table = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
@@ -266,6 +268,17 @@ const REDOLOG_KEYS: &[&str] = &["filter", "child", "children", "log"];
 const CONCAT_KEYS: &[&str] = &["filter", "child", "children"];
 const STRIPE_KEYS: &[&str] = &["filter", "child", "children", "chunk"];
 const MULTIPATH_KEYS: &[&str] = &["filter", "child", "children", "policy", "timeout-ms"];
+const MIGRATE_KEYS: &[&str] = &[
+    "filter",
+    "child",
+    "children",
+    "chunk-size",
+    "converge-bytes",
+    "max-passes",
+    "stall-passes",
+    "max-rate",
+    "drain-timeout-ms",
+];
 const SELECT_KEYS: [&str; 5] = ["op", "offset", "after", "count", "probability"];
 
 fn parse_node(node: &str, t: &Table, base: Option<&Path>) -> Result<NodeSpec, StackError> {
@@ -456,6 +469,29 @@ fn parse_filter(
                     .u64("timeout-ms")?
                     .filter(|&ms| ms > 0)
                     .map(Duration::from_millis),
+            })
+        }
+        "migrate" => {
+            let k = Keys::new(node, "filter \"migrate\"", t, MIGRATE_KEYS)?;
+            let d = MigrationOptions::default();
+            let count = |key: &str, default: u32| -> Result<u32, StackError> {
+                match k.u64(key)? {
+                    None => Ok(default),
+                    Some(n) => {
+                        u32::try_from(n).map_err(|_| k.bad(key, format!("{n} is too large")))
+                    }
+                }
+            };
+            FilterSpec::Migrate(MigrationOptions {
+                chunk_size: k.size("chunk-size")?.unwrap_or(d.chunk_size),
+                converge_bytes: k.size("converge-bytes")?.unwrap_or(d.converge_bytes),
+                max_passes: count("max-passes", d.max_passes)?,
+                stall_passes: count("stall-passes", d.stall_passes)?,
+                max_rate: k.size("max-rate")?,
+                drain_timeout: k
+                    .u64("drain-timeout-ms")?
+                    .map(Duration::from_millis)
+                    .unwrap_or(d.drain_timeout),
             })
         }
         other => {
