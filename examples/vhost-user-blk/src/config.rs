@@ -40,7 +40,9 @@ With several exports, or any --weight/--reservation/--limit, all exports share o
 scheduling stage (docs/SCHEDULING.md).
   --sched-depth N            requests in flight at the back-ends over all exports (default 32): small
                              enough that the device's own queue does not undo the schedule
-  --connections N            each export exits after serving N frontends (default: serve forever)";
+  --connections N            each export exits after serving N frontends (default: serve forever)
+  --control PATH             a JSON-lines control socket over all exports (docs/CONTROL.md): disks,
+                             sched-set, sched-stats, the stacks' filter commands, export-stats";
 
 /// One export: a socket, a disk and how to present and schedule it.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,6 +76,8 @@ pub struct DaemonConfig {
     pub connections: Option<u64>,
     /// Requests the scheduling stage keeps in flight at the back-ends.
     pub sched_depth: usize,
+    /// The control socket, if any.
+    pub control: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -168,6 +172,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Err
     let mut groups: Vec<Group> = Vec::new();
     let mut connections = None;
     let mut sched_depth = StageConfig::default().max_outstanding;
+    let mut control = None;
     let mut args = args.into_iter();
     while let Some(a) = args.next() {
         let (key, inline) = match a.split_once('=') {
@@ -212,6 +217,10 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Err
         }
         if key == "--connections" {
             connections = Some(num(value()?, u64::MAX)?);
+            continue;
+        }
+        if key == "--control" {
+            control = Some(PathBuf::from(value()?));
             continue;
         }
         if key == "--sched-depth" {
@@ -282,7 +291,8 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Err
             .collect::<Result<Vec<_>, _>>()?
     };
     for (i, e) in exports.iter().enumerate() {
-        if exports[..i].iter().any(|o| o.socket == e.socket) {
+        if control.as_ref() == Some(&e.socket) || exports[..i].iter().any(|o| o.socket == e.socket)
+        {
             return Err(usage(format!(
                 "export {}: socket {} is already used by another export",
                 e.name,
@@ -294,6 +304,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Err
         exports,
         connections,
         sched_depth,
+        control,
     }))
 }
 
@@ -328,12 +339,13 @@ mod tests {
     #[test]
     fn several_exports_with_defaults() {
         let c = parse(
-            "--poll-us 0 --coalesce on --connections 3 --sched-depth 8 \
+            "--poll-us 0 --coalesce on --connections 3 --sched-depth 8 --control /c \
              --export a --socket /a --disk path=/a.img,cache=none --weight 2 --reservation 100 \
              --export b --socket /b --disk null --limit 500 --coalesce off --serial vm-b",
         )
         .unwrap();
         assert_eq!((c.connections, c.sched_depth), (Some(3), 8));
+        assert_eq!(c.control, Some(PathBuf::from("/c")));
         assert!(c.scheduled());
         let [a, b] = &c.exports[..] else {
             panic!("{c:?}")
@@ -365,6 +377,7 @@ mod tests {
             "--export a --socket /a --disk null --coalesce maybe",
             "--export a --socket /a --disk null --queue-size 1000",
             "--socket /s --disk null --bogus 1",
+            "--control /s --socket /s --disk null",
         ] {
             assert!(parse(bad).is_err(), "accepted: {bad}");
         }

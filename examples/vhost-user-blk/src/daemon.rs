@@ -15,7 +15,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use iovirt_backend::BlockBackend;
+use iovirt_control::{Commands, Control, DiskControl, Reply};
+use iovirt_filter::stack::Stack;
 use iovirt_sched::{ClientId, MonotonicClock, SharedScheduler, StageConfig, TimerHandle};
+use serde_json::{json, Map, Value};
 use vhost::vhost_user::Listener;
 
 use crate::config::{DaemonConfig, ExportConfig};
@@ -33,6 +36,8 @@ pub struct Export {
     pub counters: Arc<ExportCounters>,
     /// The back-end its devices submit to (the stage client, or the disk).
     backend: Arc<dyn BlockBackend>,
+    /// Its filter stack (shared with the exports that name the same one).
+    stack: Option<Arc<Stack>>,
 }
 
 impl std::fmt::Debug for Export {
@@ -96,21 +101,23 @@ impl Exports {
         } else {
             None
         };
-        let mut opened: Vec<(DiskSpec, Arc<dyn BlockBackend>, String)> = Vec::new();
+        type Opened = (DiskSpec, Arc<dyn BlockBackend>, Option<Arc<Stack>>, String);
+        let mut opened: Vec<Opened> = Vec::new();
         let mut list = Vec::new();
         for e in &cfg.exports {
-            let disk = match opened.iter().find(|(spec, _, _)| *spec == e.disk) {
-                Some((_, disk, first)) => {
+            let (disk, stack) = match opened.iter().find(|o| o.0 == e.disk) {
+                Some((_, disk, stack, first)) => {
                     log::info!(
                         "export {}: shares its back-end with export {first} (same --disk)",
                         e.name
                     );
-                    disk.clone()
+                    (disk.clone(), stack.clone())
                 }
                 None => {
-                    let disk = e.disk.open()?;
-                    opened.push((e.disk.clone(), disk.clone(), e.name.clone()));
-                    disk
+                    let (disk, stack) = e.disk.open_with_stack()?;
+                    let stack = stack.map(Arc::new);
+                    opened.push((e.disk.clone(), disk.clone(), stack.clone(), e.name.clone()));
+                    (disk, stack)
                 }
             };
             let (backend, client): (Arc<dyn BlockBackend>, _) = match &sched {
@@ -134,6 +141,7 @@ impl Exports {
                 client,
                 counters: Arc::new(ExportCounters::default()),
                 backend,
+                stack,
             }));
         }
         let listeners = cfg
@@ -152,6 +160,29 @@ impl Exports {
     /// The shared scheduling stage, when the daemon schedules.
     pub fn scheduler(&self) -> Option<&Arc<SharedScheduler>> {
         self.sched.as_ref().map(|s| &s.sched)
+    }
+
+    /// The control interface over every export (a "disk" each, by index or
+    /// name), the shared stage, and the `export-stats` command.
+    pub fn control(&self) -> Control {
+        let disks = self
+            .list
+            .iter()
+            .map(|e| {
+                let mut d = DiskControl::new(e.config.name.clone());
+                if let Some(stack) = &e.stack {
+                    d = d.with_stack(stack);
+                }
+                d.with_client(e.client)
+                    .with_field("socket", e.config.socket.display().to_string())
+                    .with_field("disk", e.config.disk.describe())
+                    .with_field("serial", e.config.serial.clone())
+                    .with_field("queues", e.config.queues)
+                    .with_field("coalesce", e.config.coalesce)
+            })
+            .collect();
+        Control::new(disks, self.scheduler().cloned())
+            .with_commands(Arc::new(ExportStats(self.list.clone())))
     }
 
     /// The sockets, in export order.
@@ -219,5 +250,60 @@ impl Exports {
                 None => log::info!("export {}: {reqs} requests, {irqs} interrupts", e.config.name),
             }
         }
+    }
+}
+
+/// `{"cmd":"export-stats"[,"disk":N|NAME]}`: per export, frontends served,
+/// whether one is connected, requests completed and interrupts sent (over all
+/// connections), and interrupts per request.
+struct ExportStats(Vec<Arc<Export>>);
+
+impl ExportStats {
+    fn one(index: usize, e: &Export) -> Value {
+        let (requests, interrupts) = e.counters.totals();
+        json!({
+            "index": index,
+            "name": e.config.name,
+            "connections": e.counters.connections.load(std::sync::atomic::Ordering::Relaxed),
+            "connected": e.counters.connected(),
+            "requests": requests,
+            "interrupts": interrupts,
+            "interrupts_per_request": if requests == 0 {
+                Value::Null
+            } else {
+                json!(interrupts as f64 / requests as f64)
+            },
+            "coalesce": e.config.coalesce,
+        })
+    }
+}
+
+impl Commands for ExportStats {
+    fn names(&self) -> Vec<String> {
+        vec!["export-stats".into()]
+    }
+
+    fn handle(&self, control: &Control, cmd: &str, req: &Map<String, Value>) -> Option<Reply> {
+        if cmd != "export-stats" {
+            return None;
+        }
+        let exports: Vec<Value> = if req.contains_key("disk") {
+            match control.disk(req) {
+                Ok((i, _)) => match self.0.get(i) {
+                    Some(e) => vec![Self::one(i, e)],
+                    None => return Some(Err(format!("no export {i}"))),
+                },
+                Err(e) => return Some(Err(e)),
+            }
+        } else {
+            self.0
+                .iter()
+                .enumerate()
+                .map(|(i, e)| Self::one(i, e))
+                .collect()
+        };
+        let mut out = Map::new();
+        out.insert("exports".into(), Value::Array(exports));
+        Some(Ok(out))
     }
 }

@@ -74,6 +74,15 @@ pub enum Error {
         #[source]
         source: vhost::vhost_user::Error,
     },
+    /// The control socket could not be created.
+    #[error("--control {}: {source}", path.display())]
+    Control {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Eventfds or epoll registration failed.
     #[error("cannot set up the device: {0}")]
     Setup(#[source] std::io::Error),

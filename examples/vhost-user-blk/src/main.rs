@@ -9,6 +9,7 @@
 //! The full syntax is in [`iovirt_vhost_user_blk::config::USAGE`]. Log level: `RUST_LOG` (default `info`).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use iovirt_vhost_user_blk::config::{parse_args, Command, USAGE};
 use iovirt_vhost_user_blk::daemon::Exports;
@@ -26,7 +27,20 @@ fn run() -> Result<(), Error> {
             return Ok(());
         }
     };
-    Exports::open(&cfg)?.serve()
+    let exports = Exports::open(&cfg)?;
+    // Kept until the exports are done; dropping it removes the socket.
+    let _control = match &cfg.control {
+        Some(path) => Some(
+            iovirt_control::start(path, Arc::new(exports.control())).map_err(|source| {
+                Error::Control {
+                    path: path.clone(),
+                    source,
+                }
+            })?,
+        ),
+        None => None,
+    };
+    exports.serve()
 }
 
 fn main() -> ExitCode {

@@ -2,7 +2,7 @@
 //! each, until the export has served its connections (or forever).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use iovirt_backend::BlockBackend;
@@ -25,6 +25,7 @@ pub struct ExportCounters {
     completions: AtomicU64,
     interrupts: AtomicU64,
     current: Mutex<Option<BlkDevice>>,
+    connected: AtomicBool,
 }
 
 impl std::fmt::Debug for ExportCounters {
@@ -49,6 +50,11 @@ impl ExportCounters {
             self.completions.load(Ordering::Relaxed) + c,
             self.interrupts.load(Ordering::Relaxed) + i,
         )
+    }
+
+    /// Whether a frontend is connected now (or its connection is being set up).
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
     }
 
     fn start(&self, dev: &BlkDevice) {
@@ -139,6 +145,7 @@ pub fn serve(
         daemon
             .start(&mut listener)
             .map_err(|e| Error::Daemon(e.to_string()))?;
+        counters.connected.store(true, Ordering::Relaxed);
         log::info!("export {}: frontend connected", cfg.name);
         let how = match daemon.wait() {
             Ok(())
@@ -148,6 +155,7 @@ pub fn serve(
             Err(e) => format!("connection ended: {e}"),
         };
         drop(daemon);
+        counters.connected.store(false, Ordering::Relaxed);
         let (reqs, irqs) = counters.finish();
         // One line per connection; scripts/vic.sh reads the interrupt count from it.
         log::info!(

@@ -11,6 +11,8 @@
 //! `--reservation 900` is 800 IOPS and `--limit 450` is 400 IOPS. The stage
 //! keeps 16 requests at the back-end (`--sched-depth 16`).
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -35,6 +37,11 @@ impl Daemon {
     /// Start a daemon with one export per `(name, extra options)`, all on the
     /// same rate-limited stack.
     fn start(exports: &[(&str, &[&str])]) -> Daemon {
+        Self::start_with(exports, &[])
+    }
+
+    /// [`Daemon::start`] with extra daemon-wide options.
+    fn start_with(exports: &[(&str, &[&str])], daemon_opts: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let stack = dir.path().join("shared.toml");
         std::fs::write(
@@ -49,6 +56,9 @@ impl Daemon {
         // A back-end queue of 16 (8 ms at 2000 IOPS): most of each export's
         // 64 requests wait in the scheduler, where weights act.
         cmd.args(["--poll-us", "0", "--sched-depth", "16"]);
+        for o in daemon_opts {
+            cmd.arg(o.replace("{dir}", &dir.path().display().to_string()));
+        }
         for (name, opts) in exports {
             cmd.args(["--export", name, "--socket"])
                 .arg(dir.path().join(format!("{name}.sock")))
@@ -284,4 +294,94 @@ fn one_frontend_leaving_does_not_disturb_the_others() {
         "stay alone: {tail_iops:.0} IOPS"
     );
     assert!(d.socket("go").exists() && d.socket("stay").exists());
+}
+
+/// A control-socket client: one JSON request line, one answer line.
+struct Ctl(BufReader<UnixStream>);
+
+impl Ctl {
+    fn connect(path: &Path) -> Ctl {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match UnixStream::connect(path) {
+                Ok(s) => return Ctl(BufReader::new(s)),
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "control socket: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    fn ask(&mut self, req: serde_json::Value) -> serde_json::Value {
+        let s = self.0.get_mut();
+        writeln!(s, "{req}").expect("send request");
+        let mut line = String::new();
+        self.0.read_line(&mut line).expect("read answer");
+        serde_json::from_str(&line).expect("answer is JSON")
+    }
+}
+
+#[test]
+fn control_socket_covers_every_export() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Daemon::start_with(
+        &[
+            ("a", &["--weight", "1"]),
+            ("b", &["--weight", "1", "--coalesce", "on"]),
+        ],
+        &["--control", "{dir}/ctl.sock"],
+    );
+    let mut ctl = Ctl::connect(&d.dir.path().join("ctl.sock"));
+    let disks = ctl.ask(serde_json::json!({"cmd": "disks"}));
+    assert_eq!(disks["ok"], true, "{disks}");
+    let list = disks["disks"].as_array().expect("disks");
+    assert_eq!(list.len(), 2, "{disks}");
+    assert_eq!(
+        (list[0]["name"].as_str(), list[1]["name"].as_str()),
+        (Some("a"), Some("b"))
+    );
+    assert_eq!(list[1]["coalesce"], true, "{disks}");
+    assert!(list[0]["sched"].is_object(), "{disks}");
+    // Hostile and mistaken requests get an error answer; the connection goes on.
+    for bad in [
+        serde_json::json!({"cmd": "sched-set", "disk": "zzz", "weight": 2}),
+        serde_json::json!({"cmd": "sched-set", "disk": 7, "weight": 2}),
+        serde_json::json!({"cmd": "sched-set", "disk": "a", "weight": -1}),
+        serde_json::json!({"cmd": "export-stats", "disk": [1]}),
+    ] {
+        let a = ctl.ask(bad.clone());
+        assert_eq!(a["ok"], false, "{bad} -> {a}");
+    }
+    // Re-weight b at run time to 3: the split follows.
+    let a = ctl.ask(serde_json::json!({"cmd": "sched-set", "disk": "b", "weight": 3}));
+    assert_eq!(a["ok"], true, "{a}");
+    let loads = drive(&d, &["a", "b"], 4);
+    let total = loads[0].iops + loads[1].iops;
+    assert!(
+        (loads[1].iops - total * 0.75).abs() <= total * 0.75 * 0.05,
+        "after sched-set weight 3: {loads:?}"
+    );
+    for (name, want) in [("a", loads[0].iops), ("b", loads[1].iops)] {
+        let st = ctl.ask(serde_json::json!({"cmd": "sched-stats", "disk": name}));
+        assert_eq!(st["ok"], true, "{st}");
+        assert!(
+            st["completed"].as_u64().unwrap_or(0) as f64 >= want * 4.0 * 0.9,
+            "{st}"
+        );
+        assert!(st["latency_ns"]["p99"].as_u64().unwrap_or(0) > 0, "{st}");
+        assert!(st["queued"].is_u64(), "{st}");
+        assert!(st["iops_total"].as_f64().unwrap_or(0.0) > 0.0, "{st}");
+    }
+    let ex = ctl.ask(serde_json::json!({"cmd": "export-stats"}));
+    assert_eq!(ex["ok"], true, "{ex}");
+    let ex = ex["exports"].as_array().expect("exports").clone();
+    for e in &ex {
+        assert!(e["requests"].as_u64().unwrap_or(0) > 1000, "{e}");
+        assert!(e["interrupts"].as_u64().unwrap_or(0) > 0, "{e}");
+        assert_eq!(e["connections"], 1, "{e}");
+    }
+    // b coalesces at depth 64: fewer interrupts per request than a.
+    let ipr = |e: &serde_json::Value| e["interrupts_per_request"].as_f64().unwrap_or(f64::NAN);
+    assert!(ipr(&ex[1]) < ipr(&ex[0]), "{ex:?}");
 }
