@@ -97,8 +97,8 @@ run() {
 	taskset -c "$DAEMON_CPU" "$DAEMON" --socket "$SOCK" --disk "$(disk_of "$backend")" \
 		--coalesce "$co" --control "$CTL" >"$log" 2>&1 &
 	PID=$!
-	local i
-	for i in $(seq 200); do
+	local _
+	for _ in $(seq 200); do
 		[[ -S $SOCK && -S $CTL ]] && break
 		kill -0 "$PID" 2>/dev/null || die "daemon exited early; see $log"
 		sleep 0.05
@@ -107,7 +107,8 @@ run() {
 	taskset -c "$LOADGEN_CPU" "$LOADGEN" --socket "$SOCK" --duration "$DURATION" --depths "$DEPTHS" \
 		--ops randread --label "$backend-$co" --json "$OUT/$backend-$co-$ROUND.json" \
 		--cpu-pid "$PID" --control "$CTL" --export disk0 >&2
-	kill "$PID" && wait "$PID" 2>/dev/null || true
+	kill "$PID" 2>/dev/null || true
+	wait "$PID" 2>/dev/null || true
 	PID=
 }
 

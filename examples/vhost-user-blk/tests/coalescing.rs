@@ -89,7 +89,6 @@ impl Daemon {
 struct Job {
     iops: f64,
     p50_us: f64,
-    p99_us: f64,
     irq_per_req: f64,
 }
 
@@ -132,7 +131,6 @@ fn parse(json: &Path) -> Vec<Job> {
         .map(|j| Job {
             iops: j["iops"].as_f64().expect("iops"),
             p50_us: j["lat_p50_us"].as_f64().expect("p50"),
-            p99_us: j["lat_p99_us"].as_f64().expect("p99"),
             irq_per_req: j["interrupts_per_request"]
                 .as_f64()
                 .expect("interrupts_per_request"),
