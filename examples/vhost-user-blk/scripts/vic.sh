@@ -124,6 +124,7 @@ for backend in $BACKENDS; do
 	rm -f "$IMG"
 done
 
+# shellcheck disable=SC2086 # BACKENDS is split into words on purpose
 python3 - "$OUT" "$DURATION" "$ROUNDS" $BACKENDS <<'EOF'
 import json, sys
 out, duration, rounds, backends = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
