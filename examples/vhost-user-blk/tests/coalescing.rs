@@ -159,7 +159,12 @@ fn coalescing_cuts_interrupts_at_depth_and_never_delays_depth_one() {
             (qd1("file-off"), on)
         };
         eprintln!("QD1 off: {off1:?}\nQD1 on:  {on1:?}");
-        assert!(on1.irq_per_req > 0.99, "QD1 with vIC: {on1:?}");
+        // As many interrupts as without coalescing (EVENT_IDX may spare a
+        // few when the frontend polls on a loaded machine, on and off alike).
+        assert!(
+            on1.irq_per_req > 0.95 && on1.irq_per_req >= off1.irq_per_req - 0.01,
+            "QD1 with vIC: {on1:?} against {off1:?}"
+        );
         p50.0.push(off1.p50_us);
         p50.1.push(on1.p50_us);
     }
