@@ -94,8 +94,8 @@ disk_of() {
 run() {
 	local backend=$1 co=$2 log=$OUT/$1-$2-$ROUND.log
 	rm -f "$SOCK" "$CTL"
-	taskset -c "$DAEMON_CPU" "$DAEMON" --socket "$SOCK" --disk "$(disk_of "$backend")" \
-		--coalesce "$co" --control "$CTL" >"$log" 2>&1 &
+	taskset -c "$DAEMON_CPU" "$DAEMON" --control "$CTL" --export vic --socket "$SOCK" \
+		--disk "$(disk_of "$backend")" --coalesce "$co" >"$log" 2>&1 &
 	PID=$!
 	local _
 	for _ in $(seq 200); do
@@ -106,7 +106,7 @@ run() {
 	[[ -S $SOCK ]] || die "daemon did not create $SOCK; see $log"
 	taskset -c "$LOADGEN_CPU" "$LOADGEN" --socket "$SOCK" --duration "$DURATION" --depths "$DEPTHS" \
 		--ops randread --label "$backend-$co" --json "$OUT/$backend-$co-$ROUND.json" \
-		--cpu-pid "$PID" --control "$CTL" --export disk0 >&2
+		--cpu-pid "$PID" --control "$CTL" --export vic >&2
 	kill "$PID" 2>/dev/null || true
 	wait "$PID" 2>/dev/null || true
 	PID=

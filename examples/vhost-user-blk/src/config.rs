@@ -115,8 +115,17 @@ fn valid_name(n: &str) -> bool {
 
 impl Group {
     /// This group's export, with `defaults` filling what it leaves out.
-    fn finish(self, defaults: &Group, index: usize) -> Result<ExportConfig, Error> {
-        let name = self.name.unwrap_or_else(|| format!("disk{index}"));
+    fn finish(self, defaults: &Group) -> Result<ExportConfig, Error> {
+        // Only the single-export form has no --export NAME: name it as the
+        // control socket always has, after its stack file's stem or `disk`.
+        let name = self.name.clone().unwrap_or_else(|| match &self.disk {
+            Some(DiskSpec::Stack { path }) => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "disk".into()),
+            _ => "disk".into(),
+        });
         let socket = self
             .socket
             .ok_or_else(|| usage(format!("export {name}: --socket is required")))?;
@@ -220,7 +229,11 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Err
             continue;
         }
         if key == "--control" {
-            control = Some(PathBuf::from(value()?));
+            let v = value()?;
+            if v.is_empty() {
+                return Err(usage("--control needs a path".into()));
+            }
+            control = Some(PathBuf::from(v));
             continue;
         }
         if key == "--sched-depth" {
@@ -276,7 +289,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Err
     let exports = if groups.is_empty() {
         // The single-export form: everything given is that export's.
         let g = std::mem::take(&mut defaults);
-        vec![g.finish(&Group::default(), 0)?]
+        vec![g.finish(&Group::default())?]
     } else {
         if defaults.socket.is_some() || defaults.disk.is_some() {
             return Err(usage(
@@ -286,8 +299,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Err
         }
         groups
             .into_iter()
-            .enumerate()
-            .map(|(i, g)| g.finish(&defaults, i))
+            .map(|g| g.finish(&defaults))
             .collect::<Result<Vec<_>, _>>()?
     };
     for (i, e) in exports.iter().enumerate() {
@@ -325,7 +337,9 @@ mod tests {
             parse("--socket /s --disk null,size=1M --queues 2 --serial abc --poll-us=0").unwrap();
         assert_eq!(c.exports.len(), 1);
         let e = &c.exports[0];
-        assert_eq!(e.name, "disk0");
+        assert_eq!(e.name, "disk");
+        let c = parse("--socket /s --disk stack=/x/vda.toml").unwrap();
+        assert_eq!(c.exports[0].name, "vda");
         assert_eq!(e.socket, PathBuf::from("/s"));
         assert_eq!(e.disk, DiskSpec::Null { size: 1 << 20 });
         assert_eq!((e.queues, e.serial.as_str()), (2, "abc"));

@@ -74,18 +74,18 @@ pub enum Error {
         #[source]
         source: vhost::vhost_user::Error,
     },
-    /// The control socket could not be created.
+    /// Eventfds or epoll registration failed.
+    #[error("cannot set up the device: {0}")]
+    Setup(#[source] std::io::Error),
+    /// The control socket (`--control`) could not be served.
     #[error("--control {}: {source}", path.display())]
     Control {
         /// The socket path.
         path: PathBuf,
-        /// Why.
+        /// What the host said.
         #[source]
         source: std::io::Error,
     },
-    /// Eventfds or epoll registration failed.
-    #[error("cannot set up the device: {0}")]
-    Setup(#[source] std::io::Error),
     /// The vhost-user daemon failed.
     #[error("vhost-user: {0}")]
     Daemon(String),

@@ -25,6 +25,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 struct Guest {
     vmlinux: PathBuf,
     initrd: PathBuf,
+    /// The guest image directory (initrds for other scripts are built there).
+    dir: PathBuf,
 }
 
 fn repo_root() -> PathBuf {
@@ -58,28 +60,39 @@ fn guest() -> Option<&'static Guest> {
                 );
                 return None;
             }
-            let out = Command::new(root.join("tools/guest-image/build.sh"))
-                .arg("--out")
-                .arg(&dir)
-                .arg("--script")
-                .arg(root.join("tools/guest-image/scripts/blk-check.sh"))
-                .arg("-q")
-                .stderr(Stdio::inherit())
-                .output()
-                .expect("run tools/guest-image/build.sh");
-            assert!(out.status.success(), "tools/guest-image/build.sh failed");
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let initrd = PathBuf::from(
-                stdout
-                    .lines()
-                    .last()
-                    .expect("build.sh printed no initrd path")
-                    .trim(),
-            );
-            assert!(initrd.exists(), "initrd {} missing", initrd.display());
-            Some(Guest { vmlinux, initrd })
+            let initrd = build_initrd(&dir, "blk-check.sh");
+            Some(Guest {
+                vmlinux,
+                initrd,
+                dir,
+            })
         })
         .as_ref()
+}
+
+/// Build (or find up to date) the initrd running `tools/guest-image/scripts/SCRIPT`.
+fn build_initrd(dir: &Path, script: &str) -> PathBuf {
+    let root = repo_root();
+    let out = Command::new(root.join("tools/guest-image/build.sh"))
+        .arg("--out")
+        .arg(dir)
+        .arg("--script")
+        .arg(root.join("tools/guest-image/scripts").join(script))
+        .arg("-q")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run tools/guest-image/build.sh");
+    assert!(out.status.success(), "tools/guest-image/build.sh failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let initrd = PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build.sh printed no initrd path")
+            .trim(),
+    );
+    assert!(initrd.exists(), "initrd {} missing", initrd.display());
+    initrd
 }
 
 /// The daemon under test; killed on drop.
@@ -138,7 +151,20 @@ fn boot(g: &Guest, dir: &Path, socket: &Path, smp: u32, ro: bool) -> String {
         "serial-{}.log",
         BOOTS.fetch_add(1, Ordering::Relaxed)
     ));
-    let _ = std::fs::remove_file(&log);
+    boot_with(g, &g.initrd, &log, socket, smp, ro, &[])
+}
+
+/// [`boot`] with another initrd, the serial log at `log`, and extra QEMU arguments.
+fn boot_with(
+    g: &Guest,
+    initrd: &Path,
+    log: &Path,
+    socket: &Path,
+    smp: u32,
+    ro: bool,
+    extra: &[String],
+) -> String {
+    let _ = std::fs::remove_file(log);
     let mut dev = "vhost-user-blk-pci,chardev=c".to_string();
     if smp > 1 {
         dev.push_str(&format!(",num-queues={smp}"));
@@ -165,10 +191,11 @@ fn boot(g: &Guest, dir: &Path, socket: &Path, smp: u32, ro: bool) -> String {
         .arg("-kernel")
         .arg(&g.vmlinux)
         .arg("-initrd")
-        .arg(&g.initrd)
+        .arg(initrd)
         .args(["-append", &append])
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
+        .args(extra)
         .stdin(Stdio::null())
         .spawn()
         .expect("start qemu-system-x86_64");
@@ -182,13 +209,13 @@ fn boot(g: &Guest, dir: &Path, socket: &Path, smp: u32, ro: bool) -> String {
             let _ = qemu.wait();
             panic!(
                 "guest did not power off in {BOOT_TIMEOUT:?}; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+                std::fs::read_to_string(log).unwrap_or_default()
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("guest (smp {smp}) ran {:.1} s", t.elapsed().as_secs_f64());
-    let out = std::fs::read(&log).expect("read serial log");
+    let out = std::fs::read(log).expect("read serial log");
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -479,4 +506,160 @@ fn linux_rw_encrypted_stack() {
             "raw image holds the pattern's plaintext (window at {at})"
         );
     }
+}
+
+/// One JSON-lines request to the daemon's control socket; panics unless answered `ok`.
+fn control(sock: &Path, req: &str) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let s = std::os::unix::net::UnixStream::connect(sock).expect("connect to --control");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    (&s).write_all(format!("{req}\n").as_bytes())
+        .expect("send request");
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).expect("answer");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("JSON answer");
+    assert_eq!(v["ok"], true, "{req} -> {v}");
+    v
+}
+
+/// Issue 7's acceptance test: live storage migration under a real Linux guest.
+///
+/// The daemon serves a stack with a `migrate` node over a raw file; the guest
+/// (`tools/guest-image/scripts/migrate-check.sh`) makes ext2 and keeps writing
+/// files with checksums while the test starts a migration to a new file over
+/// the control socket and watches its progress until it is switched; then the
+/// test tells the guest (on its second serial port), which writes some more,
+/// verifies every file, checks it saw no I/O error and powers off. The target
+/// file then holds exactly the disk the guest last saw (md5 of /dev/vda), and
+/// the source was not written after the switch.
+#[test]
+fn linux_live_migration_under_a_file_system_workload() {
+    let Some(g) = guest() else { return };
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let initrd = build_initrd(&g.dir, "migrate-check.sh");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = new_image(d);
+    let dst = d.join("target.img");
+    std::fs::write(
+        d.join("vda.toml"),
+        "[vda]\nfilter = \"migrate\"\nchunk-size = \"256K\"\nconverge-bytes = \"1M\"\n\
+         max-passes = 100\nstall-passes = 20\nmax-rate = \"24M\"\n\n\
+         [vda.child]\nbackend = \"file\"\npath = \"disk.img\"\ncache = \"none\"\n",
+    )
+    .expect("write stack");
+    let ctl = d.join("ctl.sock");
+    let mut daemon = Daemon::start(
+        d,
+        &[
+            "--disk",
+            &format!("stack={}", d.join("vda.toml").display()),
+            "--control",
+            ctl.to_str().expect("utf-8 path"),
+        ],
+    );
+    let v = control(&ctl, r#"{"cmd":"migrate-status","disk":"vda"}"#);
+    assert_eq!(v["state"], "idle");
+
+    // The guest's second serial port is a socket the test writes "switched" to.
+    let tty1 = d.join("ttyS1.sock");
+    let log = d.join("serial-migrate.log");
+    let extra = vec![
+        "-chardev".to_string(),
+        format!("socket,id=s1,path={},server=on,wait=off", tty1.display()),
+        "-serial".to_string(),
+        "chardev:s1".to_string(),
+    ];
+    let guest_log = std::thread::scope(|scope| {
+        let run = scope.spawn(|| boot_with(g, &initrd, &log, &daemon.socket, 1, false, &extra));
+        // Wait for the workload to run.
+        let t = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("MIGRATE-READY") {
+                break;
+            }
+            assert!(
+                !run.is_finished(),
+                "guest ended before its workload:\n{text}"
+            );
+            assert!(t.elapsed() < BOOT_TIMEOUT, "no MIGRATE-READY:\n{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let req = serde_json::json!({
+            "cmd": "migrate-start", "disk": 0, "node": "vda",
+            "path": dst.to_str().expect("utf-8 path"), "cache": "none",
+        });
+        let v = control(&ctl, &req.to_string());
+        assert_eq!(v["state"], "copying", "{v}");
+        // Watch it until switched.
+        let t = Instant::now();
+        let mut seen = Vec::new();
+        let last = loop {
+            let v = control(&ctl, r#"{"cmd":"migrate-status","disk":"vda"}"#);
+            let state = v["state"].as_str().unwrap_or("?").to_string();
+            if seen.last() != Some(&state) {
+                eprintln!("migration: {v}");
+                seen.push(state.clone());
+            }
+            match state.as_str() {
+                "copying" | "switching" => {}
+                "switched" => break v,
+                _ => panic!("migration ended as {state}: {v}"),
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "not switched: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        // The copy is capped at 24 MiB/s, so the guest writes during it: the
+        // chunks it dirtied were copied again.
+        assert!(
+            last["copied_bytes"].as_u64().unwrap_or(0) > IMAGE_SIZE,
+            "no chunk was copied twice: {last}"
+        );
+        assert!(last["pause_us"].is_u64(), "{last}");
+        eprintln!(
+            "switched after {} pass(es), {} bytes copied, pause {} us, {} ms",
+            last["pass"], last["copied_bytes"], last["pause_us"], last["elapsed_ms"]
+        );
+        // From now on the source must not change.
+        let src_at_switch = md5(&std::fs::read(&src).expect("read source"));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            !text.contains("CHECK-OK wrote"),
+            "the workload ended before the switch:\n{text}"
+        );
+        let mut tty = None;
+        for _ in 0..100 {
+            if let Ok(s) = std::os::unix::net::UnixStream::connect(&tty1) {
+                tty = Some(s);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut tty = tty.expect("connect to the guest's ttyS1");
+        tty.write_all(b"switched\n").expect("tell the guest");
+        let guest_log = run.join().expect("guest thread");
+        (guest_log, src_at_switch)
+    });
+    let (guest_log, src_at_switch) = guest_log;
+    assert_passed(&guest_log, 4);
+    assert!(
+        !guest_log.contains("I/O error"),
+        "the guest saw I/O errors:\n{guest_log}"
+    );
+    daemon.assert_running();
+    drop(daemon);
+    // The target holds the disk as the guest last saw it; the source stayed as at the switch.
+    host_check(&guest_log, &dst);
+    assert_eq!(
+        md5(&std::fs::read(&src).expect("read source")),
+        src_at_switch,
+        "the source was written after the switch"
+    );
+    eprintln!(
+        "live migration test took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
