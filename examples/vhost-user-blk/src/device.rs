@@ -111,6 +111,20 @@ struct QueueCtx {
     vring: OnceLock<Vring>,
 }
 
+/// A timerfd whose reads fail with `WouldBlock` instead of waiting when it
+/// has not expired.
+fn nonblocking_timer() -> io::Result<TimerFd> {
+    let t = TimerFd::new()?;
+    let fd = t.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with plain integer arguments.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(t)
+}
+
 /// A copy of a configured queue: the vring keeps its own for the vhost-user
 /// handler, the running [`QueueHandler`] owns this one.
 fn copy_queue(q: &Queue) -> Result<Queue, virtio_queue::Error> {
@@ -164,7 +178,7 @@ impl BlkDevice {
         let queues = (0..num_queues)
             .map(|index| {
                 let timer = if coalescing {
-                    Some(TimerFd::new()?)
+                    Some(nonblocking_timer()?)
                 } else {
                     None
                 };
@@ -422,14 +436,16 @@ impl VhostUserBackend for BlkDevice {
                 h.process_completions();
             }
         } else if id == self.timer_event_id() {
+            // The timerfd is non-blocking: GET_VRING_BASE (on another thread)
+            // may have disarmed it after epoll reported it, and an old
+            // expiry may be reported after it was re-armed for later.
             if let Some(t) = run.timer.as_mut() {
-                // A timer re-armed since it fired is not readable (reading would block).
-                if !t.is_armed().unwrap_or(true) {
-                    let _ = t.wait();
-                    run.armed = None;
-                    if let Some(h) = run.handler.as_mut() {
-                        h.flush_interrupts();
-                    }
+                let _ = t.wait();
+            }
+            run.armed = None;
+            if let Some(h) = run.handler.as_mut() {
+                if h.coalesce_deadline().is_some_and(|d| Instant::now() >= d) {
+                    h.flush_interrupts();
                 }
             }
         } else if device_event == 0 {
