@@ -42,7 +42,8 @@ scheduling stage (docs/SCHEDULING.md).
                              enough that the device's own queue does not undo the schedule
   --connections N            each export exits after serving N frontends (default: serve forever)
   --control PATH             a JSON-lines control socket over all exports (docs/CONTROL.md): disks,
-                             sched-set, sched-stats, the stacks' filter commands, export-stats";
+                             sched-set, sched-stats (without \"disk\": every export), the stacks'
+                             filter commands, export-stats";
 
 /// One export: a socket, a disk and how to present and schedule it.
 #[derive(Clone, Debug, PartialEq)]

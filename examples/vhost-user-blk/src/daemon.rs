@@ -256,6 +256,10 @@ impl Exports {
 /// `{"cmd":"export-stats"[,"disk":N|NAME]}`: per export, frontends served,
 /// whether one is connected, requests completed and interrupts sent (over all
 /// connections), and interrupts per request.
+///
+/// Also `{"cmd":"sched-stats"}` without `"disk"`: the built-in per-disk
+/// answer for every export, as `"clients": [...]`, so one request shows how
+/// the exports share the stage.
 struct ExportStats(Vec<Arc<Export>>);
 
 impl ExportStats {
@@ -284,6 +288,24 @@ impl Commands for ExportStats {
     }
 
     fn handle(&self, control: &Control, cmd: &str, req: &Map<String, Value>) -> Option<Reply> {
+        if cmd == "sched-stats" && !req.contains_key("disk") {
+            let clients = (0..self.0.len())
+                .map(|i| {
+                    let line = json!({"cmd": "sched-stats", "disk": i}).to_string();
+                    let mut answer = control.handle_line(line.as_bytes());
+                    if let Some(a) = answer.as_object_mut() {
+                        a.remove("ok");
+                        if let Some(name) = self.0.get(i).map(|e| e.config.name.clone()) {
+                            a.insert("name".into(), Value::String(name));
+                        }
+                    }
+                    answer
+                })
+                .collect();
+            let mut out = Map::new();
+            out.insert("clients".into(), Value::Array(clients));
+            return Some(Ok(out));
+        }
         if cmd != "export-stats" {
             return None;
         }

@@ -373,6 +373,12 @@ fn control_socket_covers_every_export() {
         assert!(st["queued"].is_u64(), "{st}");
         assert!(st["iops_total"].as_f64().unwrap_or(0.0) > 0.0, "{st}");
     }
+    // Without "disk", sched-stats answers for every export.
+    let all = ctl.ask(serde_json::json!({"cmd": "sched-stats"}));
+    let clients = all["clients"].as_array().expect("clients");
+    assert_eq!(clients.len(), 2, "{all}");
+    assert_eq!(clients[1]["name"], "b", "{all}");
+    assert_eq!(clients[1]["params"]["weight"], 3.0, "{all}");
     // The load generators are gone; the daemon notices their disconnects.
     let deadline = Instant::now() + Duration::from_secs(10);
     let ex = loop {
