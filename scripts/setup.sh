@@ -19,4 +19,7 @@ fi
 
 if [ -x tools/guest-image/build.sh ]; then
     tools/guest-image/build.sh --cache "${IOVIRT_CACHE:-$PWD/.cache}" --out "${IOVIRT_GUEST_DIR:-$PWD/.cache/guest}"
+    # Debian's 6.12 cloud kernel (virtio-iommu as a module) for the vhost-user-blk vIOMMU test.
+    tools/guest-image/build.sh --cache "${IOVIRT_CACHE:-$PWD/.cache}" --out "${IOVIRT_GUEST_612_DIR:-${IOVIRT_GUEST_DIR:-$PWD/.cache/guest}-6.12}" \
+        --kernel-package linux-image-6.12-cloud-amd64 --module virtio_iommu
 fi

@@ -35,7 +35,9 @@ Options:
                           extension, or "default" without --script)
   --kernel-package PKG    kernel package or metapackage (default: $DEFAULT_KERNEL_PACKAGE;
                           e.g. linux-image-6.12-cloud-amd64)
-  --module MOD            extra module to include and load (repeatable; dependencies follow)
+  --module MOD            extra module to include and load, before the others (repeatable;
+                          dependencies follow; an IOMMU driver such as virtio_iommu must be
+                          up before the drivers of the devices behind it probe)
   --modules "A B C"       replace the default module list ($DEFAULT_MODULES)
   -q, --quiet             only print the initrd path on stdout
   -h, --help              this text
@@ -66,7 +68,7 @@ while (($#)); do
 	--script) SCRIPT=${2:?--script needs a value} && shift ;;
 	--name) NAME=${2:?--name needs a value} && shift ;;
 	--kernel-package) KERNEL_PACKAGE=${2:?--kernel-package needs a value} && shift ;;
-	--module) MODULES="$MODULES ${2:?--module needs a value}" && shift ;;
+	--module) EXTRA_MODULES="${EXTRA_MODULES:-} ${2:?--module needs a value}" && shift ;;
 	--modules) MODULES=${2?--modules needs a value} && shift ;;
 	-q | --quiet) QUIET=1 ;;
 	-h | --help) usage && exit 0 ;;
@@ -74,6 +76,7 @@ while (($#)); do
 	esac
 	shift
 done
+MODULES="${EXTRA_MODULES:-} $MODULES"
 [[ -n $OUT ]] || {
 	usage >&2
 	die "--out DIR is required"

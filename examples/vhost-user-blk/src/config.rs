@@ -36,6 +36,8 @@ EXPORT OPTIONS:
   --reservation R            I/O floor in cost units per second (a 4 KiB request costs 1.125; default 0)
   --limit L|none             I/O ceiling in cost units per second (default none)
   --coalesce on|off          virtual interrupt coalescing (vIC): fewer interrupts at high queue depth
+  --iommu-platform on|off    offer VIRTIO_F_ACCESS_PLATFORM: DMA through the frontend's vIOMMU
+                             (a device IOTLB fed over the backend channel; docs/IOMMU.md)
 With several exports, or any --weight/--reservation/--limit, all exports share one mClock
 scheduling stage (docs/SCHEDULING.md).
   --sched-depth N            requests in flight at the back-ends over all exports (default 32): small
@@ -66,6 +68,8 @@ pub struct ExportConfig {
     pub sched: Option<ClientParams>,
     /// Virtual interrupt coalescing.
     pub coalesce: bool,
+    /// Offer VIRTIO_F_ACCESS_PLATFORM with a device IOTLB.
+    pub iommu_platform: bool,
 }
 
 /// The whole command line.
@@ -101,6 +105,7 @@ struct Group {
     poll: Option<Duration>,
     sched: Vec<String>,
     coalesce: Option<bool>,
+    iommu_platform: Option<bool>,
 }
 
 fn usage(msg: String) -> Error {
@@ -161,6 +166,10 @@ impl Group {
                 .unwrap_or(Duration::from_micros(50)),
             sched,
             coalesce: self.coalesce.or(defaults.coalesce).unwrap_or(false),
+            iommu_platform: self
+                .iommu_platform
+                .or(defaults.iommu_platform)
+                .unwrap_or(false),
         })
     }
 }
@@ -276,13 +285,18 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Err
                 }
                 g.sched.push(format!("{}={v}", &key[2..]));
             }
-            "--coalesce" => {
+            "--coalesce" | "--iommu-platform" => {
                 let v = value()?;
-                g.coalesce = Some(match v.as_str() {
+                let on = match v.as_str() {
                     "on" | "true" | "yes" | "1" => true,
                     "off" | "false" | "no" | "0" => false,
-                    _ => return Err(usage(format!("--coalesce {v}: expected on or off"))),
-                });
+                    _ => return Err(usage(format!("{key} {v}: expected on or off"))),
+                };
+                if key == "--coalesce" {
+                    g.coalesce = Some(on);
+                } else {
+                    g.iommu_platform = Some(on);
+                }
             }
             _ => return Err(usage(format!("unknown argument {a:?}"))),
         }
@@ -356,7 +370,8 @@ mod tests {
         let c = parse(
             "--poll-us 0 --coalesce on --connections 3 --sched-depth 8 --control /c \
              --export a --socket /a --disk path=/a.img,cache=none --weight 2 --reservation 100 \
-             --export b --socket /b --disk null --limit 500 --coalesce off --serial vm-b",
+             --export b --socket /b --disk null --limit 500 --coalesce off --serial vm-b \
+             --iommu-platform on",
         )
         .unwrap();
         assert_eq!((c.connections, c.sched_depth), (Some(3), 8));
@@ -373,6 +388,7 @@ mod tests {
         let pb = b.sched.unwrap();
         assert_eq!((pb.weight, pb.limit), (1.0, Some(500.0)));
         assert_eq!(b.serial, "vm-b");
+        assert!(b.iommu_platform && !a.iommu_platform);
         assert_eq!(a.serial, "iovirt");
     }
 

@@ -11,18 +11,22 @@
 //! its in-flight requests, hands the ring indices back and is dropped.
 
 use std::io;
+use std::ops::Deref;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use iovirt_backend::BlockBackend;
 use iovirt_bus::InterruptError;
+use iovirt_iommu::{DmaView, RequesterId};
 use iovirt_virtio::block::{BlockConfig, QueueHandler, VirtioBlock};
 use iovirt_virtio::{VirtioDevice, VirtioInterrupt};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -30,6 +34,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::iotlb::{RingIovas, VhostIotlb, VIRTIO_F_ACCESS_PLATFORM};
 use crate::Error;
 
 /// Guest memory as the vhost-user frontend shares it.
@@ -37,6 +42,8 @@ pub type GuestMem = GuestMemoryMmap<()>;
 /// The atomically replaceable guest memory (SET_MEM_TABLE swaps it).
 pub type AtomicMem = GuestMemoryAtomic<GuestMem>;
 type Vring = VringRwLock<AtomicMem>;
+/// Guest memory as a device behind the frontend's vIOMMU sees it (IOVAs).
+pub type DmaMem = DmaView<GuestMem>;
 
 /// Bit 30 of the feature word: the frontend may negotiate protocol features.
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
@@ -61,17 +68,68 @@ impl VirtioInterrupt for CallInterrupt {
     }
 }
 
-/// The running queue and its coalescing deadline timer.
-struct Running {
-    /// The running queue, between its first kick and GET_VRING_BASE.
-    handler: Option<QueueHandler<GuestMem>>,
-    /// With coalescing: fires at the handler's `coalesce_deadline()`; in the worker's epoll.
+/// Per-queue state.
+struct QueueCtx {
+    index: u16,
+    /// The running queue and its coalescing timer.
+    run: Mutex<QueueRun>,
+    /// Written when a completion on another thread is waiting; in the worker's epoll.
+    wake: Arc<EventFd>,
+    /// The vring (remembered at the first event, for GET_VRING_BASE).
+    vring: OnceLock<Vring>,
+}
+
+/// A running queue: on guest-physical memory, or on IOVAs through the IOTLB.
+enum Running {
+    Plain(QueueHandler<GuestMem>),
+    Dma(QueueHandler<DmaMem>),
+}
+
+impl Running {
+    fn process_completions(&mut self) {
+        match self {
+            Running::Plain(h) => h.process_completions(),
+            Running::Dma(h) => h.process_completions(),
+        }
+    }
+    fn inflight(&self) -> usize {
+        match self {
+            Running::Plain(h) => h.inflight(),
+            Running::Dma(h) => h.inflight(),
+        }
+    }
+    fn queue(&self) -> &Queue {
+        match self {
+            Running::Plain(h) => h.queue(),
+            Running::Dma(h) => h.queue(),
+        }
+    }
+    fn coalesce_deadline(&self) -> Option<Instant> {
+        match self {
+            Running::Plain(h) => h.coalesce_deadline(),
+            Running::Dma(h) => h.coalesce_deadline(),
+        }
+    }
+    fn flush_interrupts(&mut self) {
+        match self {
+            Running::Plain(h) => h.flush_interrupts(),
+            Running::Dma(h) => h.flush_interrupts(),
+        }
+    }
+}
+
+/// The running queue, between its first kick and GET_VRING_BASE, and its
+/// coalescing deadline timer.
+struct QueueRun {
+    handler: Option<Running>,
+    /// With coalescing: fires at the handler's `coalesce_deadline()`; in the
+    /// worker's epoll. Non-blocking (see `handle_event`).
     timer: Option<TimerFd>,
     /// The deadline the timer is armed for.
     armed: Option<Instant>,
 }
 
-impl Running {
+impl QueueRun {
     /// Arm the timer for the handler's coalescing deadline, if it moved.
     fn arm(&mut self, queue: u16) {
         let (Some(t), Some(h)) = (self.timer.as_mut(), self.handler.as_ref()) else {
@@ -100,17 +158,6 @@ impl Running {
     }
 }
 
-/// Per-queue state.
-struct QueueCtx {
-    index: u16,
-    /// The running queue and its timer.
-    run: Mutex<Running>,
-    /// Written when a completion on another thread is waiting; in the worker's epoll.
-    wake: Arc<EventFd>,
-    /// The vring (remembered at the first event, for GET_VRING_BASE).
-    vring: OnceLock<Vring>,
-}
-
 /// A timerfd whose reads fail with `WouldBlock` instead of waiting when it
 /// has not expired.
 fn nonblocking_timer() -> io::Result<TimerFd> {
@@ -126,16 +173,22 @@ fn nonblocking_timer() -> io::Result<TimerFd> {
 }
 
 /// A copy of a configured queue: the vring keeps its own for the vhost-user
-/// handler, the running [`QueueHandler`] owns this one.
-fn copy_queue(q: &Queue) -> Result<Queue, virtio_queue::Error> {
+/// handler, the running [`QueueHandler`] owns this one. With `iovas`, the
+/// ring addresses are those IOVAs (the vring holds a placeholder, see `proxy`).
+fn copy_queue(q: &Queue, iovas: Option<RingIovas>) -> Result<Queue, virtio_queue::Error> {
     let mut c = Queue::new(q.max_size())?;
     c.set_size(q.size());
+    let r = iovas.unwrap_or(RingIovas {
+        desc: q.desc_table(),
+        avail: q.avail_ring(),
+        used: q.used_ring(),
+    });
     let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-    let (l, h) = split(q.desc_table());
+    let (l, h) = split(r.desc);
     c.set_desc_table_address(l, h);
-    let (l, h) = split(q.avail_ring());
+    let (l, h) = split(r.avail);
     c.set_avail_ring_address(l, h);
-    let (l, h) = split(q.used_ring());
+    let (l, h) = split(r.used);
     c.set_used_ring_address(l, h);
     c.set_event_idx(q.event_idx_enabled());
     c.set_next_avail(q.next_avail());
@@ -150,6 +203,9 @@ struct Inner {
     queue_size: u16,
     mem: AtomicMem,
     queues: Vec<QueueCtx>,
+    /// With `--iommu-platform on`: the connection's IOTLB and the IOVA view
+    /// of guest memory the queues use once ACCESS_PLATFORM is negotiated.
+    iommu: Option<(Arc<VhostIotlb>, GuestMemoryAtomic<DmaMem>)>,
 }
 
 /// A virtio-blk device for one vhost-user connection.
@@ -184,7 +240,7 @@ impl BlkDevice {
                 };
                 Ok(QueueCtx {
                     index,
-                    run: Mutex::new(Running {
+                    run: Mutex::new(QueueRun {
                         handler: None,
                         timer,
                         armed: None,
@@ -201,7 +257,25 @@ impl BlkDevice {
             queue_size,
             mem,
             queues,
+            iommu: None,
         })))
+    }
+
+    /// The same device offering VIRTIO_F_ACCESS_PLATFORM (and the backend
+    /// channel) with `iotlb` as its device IOTLB: when the frontend negotiates
+    /// it, every ring and buffer address is an IOVA translated through `iotlb`.
+    /// Call before the device is shared (it is a no-op on a clone).
+    pub fn with_iotlb(mut self, iotlb: Arc<VhostIotlb>) -> Self {
+        let view = dma_view(&self.0.mem, &iotlb);
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.iommu = Some((iotlb, GuestMemoryAtomic::new(view)));
+        }
+        self
+    }
+
+    /// The device IOTLB, when ACCESS_PLATFORM is offered.
+    pub fn iotlb(&self) -> Option<&Arc<VhostIotlb>> {
+        self.0.iommu.as_ref().map(|(t, _)| t)
     }
 
     /// The wake-up eventfd of each queue; the server registers queue `i`'s
@@ -248,11 +322,20 @@ impl BlkDevice {
         &self.0.blk
     }
 
+    /// The IOVA view, when the frontend negotiated ACCESS_PLATFORM.
+    fn translated(&self) -> Option<(&Arc<VhostIotlb>, &GuestMemoryAtomic<DmaMem>)> {
+        self.0
+            .iommu
+            .as_ref()
+            .filter(|(t, _)| t.access_platform())
+            .map(|(t, m)| (t, m))
+    }
+
     /// Adaptive polling: after a kick, keep the driver's notifications off
     /// and watch the avail ring for up to the poll window, processing new
     /// requests without waiting for (or costing the driver) another kick.
     /// Notifications are turned back on only when the window passes idle.
-    fn poll(&self, h: &mut QueueHandler<GuestMem>) {
+    fn poll<M: GuestMemory + Send + Sync + 'static>(&self, h: &mut QueueHandler<M>) {
         if self.0.poll.is_zero() {
             h.process_queue();
             return;
@@ -291,15 +374,26 @@ impl BlkDevice {
         }
     }
 
-    fn start_queue(&self, q: &QueueCtx, vring: &Vring) -> Option<QueueHandler<GuestMem>> {
+    fn start_queue(&self, q: &QueueCtx, vring: &Vring) -> Option<Running> {
+        let translated = self.translated();
+        let iovas = match translated {
+            Some((t, _)) => match t.ring(u32::from(q.index)) {
+                Some(r) => Some(r),
+                None => {
+                    log::warn!("queue {}: no ring addresses (IOVAs) yet", q.index);
+                    return None;
+                }
+            },
+            None => None,
+        };
         let queue = {
             let v = vring.get_ref();
             if !v.get_queue().ready() {
                 return None;
             }
-            copy_queue(v.get_queue())
+            copy_queue(v.get_queue(), iovas)
         };
-        let queue = match queue {
+        let mut queue = match queue {
             Ok(queue) => queue,
             Err(e) => {
                 log::warn!("queue {}: unusable queue configuration: {e}", q.index);
@@ -307,17 +401,43 @@ impl BlkDevice {
             }
         };
         let irq = Arc::new(CallInterrupt(vring.clone()));
-        match self.0.blk.queue_handler_with_event(
-            q.index,
-            queue,
-            self.0.mem.clone(),
-            irq,
-            q.wake.clone(),
-        ) {
-            Ok(mut h) => {
-                h.set_signal_batch(SIGNAL_BATCH);
-                Some(h)
+        let started = match (translated, iovas) {
+            (Some((_, dma)), Some(r)) => {
+                // The handler read the used index through a placeholder address;
+                // read it where the ring really is (as it does without an IOMMU).
+                let used_idx = r
+                    .used
+                    .checked_add(2)
+                    .map(GuestAddress)
+                    .and_then(|a| dma.memory().read_obj::<u16>(a).ok());
+                let Some(used_idx) = used_idx else {
+                    log::warn!(
+                        "queue {}: used ring at IOVA {:#x} is not mapped for the device",
+                        q.index,
+                        r.used
+                    );
+                    return None;
+                };
+                queue.set_next_used(u16::from_le(used_idx));
+                self.0
+                    .blk
+                    .queue_handler_with_event(q.index, queue, dma.clone(), irq, q.wake.clone())
+                    .map(|mut h| {
+                        h.set_signal_batch(SIGNAL_BATCH);
+                        Running::Dma(h)
+                    })
             }
+            _ => self
+                .0
+                .blk
+                .queue_handler_with_event(q.index, queue, self.0.mem.clone(), irq, q.wake.clone())
+                .map(|mut h| {
+                    h.set_signal_batch(SIGNAL_BATCH);
+                    Running::Plain(h)
+                }),
+        };
+        match started {
+            Ok(h) => Some(h),
             Err(e) => {
                 log::error!("queue {}: cannot start: {e}", q.index);
                 None
@@ -339,14 +459,26 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn features(&self) -> u64 {
-        self.virtio().device_features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        let platform = if self.0.iommu.is_some() {
+            1 << VIRTIO_F_ACCESS_PLATFORM
+        } else {
+            0
+        };
+        self.virtio().device_features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES) | platform
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
+        let base = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if self.0.iommu.is_some() {
+            // IOTLB misses go to the frontend on the backend channel (QEMU
+            // requires it, with REPLY_ACK, for iommu_platform=on).
+            base | VhostUserProtocolFeatures::BACKEND_REQ
+        } else {
+            base
+        }
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -365,7 +497,13 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn update_memory(&self, _mem: AtomicMem) -> io::Result<()> {
-        // The handler replaced the contents of the atomic we share with it.
+        // The handler replaced the contents of the atomic we share with it;
+        // the IOVA view wraps a snapshot, so rebuild it.
+        if let Some((t, dma)) = &self.0.iommu {
+            dma.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace(dma_view(&self.0.mem, t));
+        }
         Ok(())
     }
 
@@ -452,12 +590,20 @@ impl VhostUserBackend for BlkDevice {
             if run.handler.is_none() {
                 run.handler = self.start_queue(q, vring);
             }
-            if let Some(h) = run.handler.as_mut() {
-                self.poll(h);
+            match run.handler.as_mut() {
+                Some(Running::Plain(h)) => self.poll(h),
+                Some(Running::Dma(h)) => self.poll(h),
+                None => {}
             }
         }
         run.arm(q.index);
         // Errors are logged by the queue handler; returning one would stop this worker.
         Ok(())
     }
+}
+
+/// The IOVA view of the frontend's current memory through `iotlb` (misses go to the frontend).
+fn dma_view(mem: &AtomicMem, iotlb: &Arc<VhostIotlb>) -> DmaMem {
+    let snapshot: GuestMem = mem.memory().deref().clone();
+    DmaView::new(snapshot, RequesterId(0), iotlb.clone()).with_hook(iotlb.clone())
 }

@@ -12,6 +12,12 @@
 //! with a cache mode, memory, null, or an `iovirt-filter` stack described in a
 //! TOML file: `--disk stack=FILE.toml`), keeping many requests in flight.
 //!
+//! With `--iommu-platform on` the device offers VIRTIO_F_ACCESS_PLATFORM: when
+//! the frontend (QEMU with a vIOMMU and `iommu_platform=on`) negotiates it,
+//! rings and buffers are addressed by IOVAs, translated through a device IOTLB
+//! ([`iotlb`]) that the frontend fills with vhost-user IOTLB messages, relayed
+//! in front of rust-vmm's handler by [`proxy`] (docs/IOMMU.md).
+//!
 //! It must never trust the frontend or the guest: malformed rings and requests
 //! complete with an error status and a log line, never a panic; a frontend that
 //! disconnects leaves the daemon ready for the next one.
@@ -42,6 +48,8 @@ pub mod config;
 pub mod daemon;
 pub mod device;
 pub mod disk;
+pub mod iotlb;
+pub mod proxy;
 pub mod server;
 
 use std::path::PathBuf;

@@ -14,6 +14,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::config::ExportConfig;
 use crate::device::BlkDevice;
+use crate::iotlb::VhostIotlb;
 use crate::Error;
 
 /// Device counters of one export over all its connections, readable while it
@@ -113,7 +114,7 @@ pub fn serve(
 ) -> Result<(), Error> {
     let blk_cfg = block_config(cfg)?;
     log::info!(
-        "export {}: serving {} bytes ({} queues{}) on {}",
+        "export {}: serving {} bytes ({} queues{}{}) on {}",
         cfg.name,
         disk.info().capacity,
         blk_cfg.num_queues,
@@ -122,12 +123,21 @@ pub fn serve(
         } else {
             ""
         },
+        if cfg.iommu_platform {
+            ", ACCESS_PLATFORM"
+        } else {
+            ""
+        },
         cfg.socket.display()
     );
     let mut served = 0u64;
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let dev = BlkDevice::new(disk.clone(), blk_cfg.clone(), mem.clone(), cfg.poll)?;
+        let iotlb = cfg.iommu_platform.then(|| Arc::new(VhostIotlb::default()));
+        let mut dev = BlkDevice::new(disk.clone(), blk_cfg.clone(), mem.clone(), cfg.poll)?;
+        if let Some(t) = &iotlb {
+            dev = dev.with_iotlb(t.clone());
+        }
         let mut daemon = VhostUserDaemon::new("iovirt-vhost-user-blk".into(), dev.clone(), mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
         let handlers = daemon.get_epoll_handlers();
@@ -142,9 +152,13 @@ pub fn serve(
                 .map_err(Error::Setup)?;
         }
         counters.start(&dev);
-        daemon
-            .start(&mut listener)
-            .map_err(|e| Error::Daemon(e.to_string()))?;
+        let relay = match iotlb {
+            Some(t) => Some(crate::proxy::start_relayed(&mut daemon, &mut listener, t)?),
+            None => daemon
+                .start(&mut listener)
+                .map(|()| None)
+                .map_err(|e| Error::Daemon(e.to_string()))?,
+        };
         counters.connected.store(true, Ordering::Relaxed);
         log::info!("export {}: frontend connected", cfg.name);
         let how = match daemon.wait() {
@@ -154,6 +168,9 @@ pub fn serve(
             )) => "disconnected".to_string(),
             Err(e) => format!("connection ended: {e}"),
         };
+        if let Some(r) = relay {
+            r.finish();
+        }
         drop(daemon);
         counters.connected.store(false, Ordering::Relaxed);
         let (reqs, irqs) = counters.finish();

@@ -20,11 +20,16 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, disk: &str) -> Daemon {
+        Self::start_with(dir, disk, &[])
+    }
+
+    fn start_with(dir: &Path, disk: &str, extra: &[&str]) -> Daemon {
         let socket = dir.join("vhost.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_iovirt-vhost-user-blk"))
             .arg("--socket")
             .arg(&socket)
             .args(["--disk", disk, "--queues", "2"])
+            .args(extra)
             .env("RUST_LOG", "error")
             .spawn()
             .expect("start iovirt-vhost-user-blk");
@@ -185,6 +190,87 @@ fn data_survives_reconnects_and_hostile_frontends() {
     f.check_pattern(1 << 20, 7);
     f.write_pattern(3 << 20, 9);
     f.check_pattern(3 << 20, 9);
+    drop(f);
+    d.assert_running();
+}
+
+/// One vhost-user message: request, flags, payload.
+fn vu_msg(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&request.to_le_bytes());
+    m.extend_from_slice(&flags.to_le_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// With `--iommu-platform on` the connection goes through the IOTLB relay:
+/// libblkio (which does not negotiate ACCESS_PLATFORM) is served through it,
+/// and hostile IOTLB messages and framing neither crash the daemon nor keep
+/// the next frontend from working.
+#[test]
+fn iotlb_relay_serves_and_survives_hostile_frontends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut d = Daemon::start_with(dir.path(), "memory,size=16M", &["--iommu-platform", "on"]);
+
+    let mut f = Frontend::connect(&d.socket);
+    f.write_pattern(1 << 20, 3);
+    f.check_pattern(1 << 20, 3);
+    drop(f);
+    d.assert_running();
+
+    const IOTLB_MSG: u32 = 22;
+    const NEED_REPLY: u32 = 0x1 | 0x8;
+    let iotlb = |iova: u64, size: u64, uaddr: u64, perm: u8, kind: u8| {
+        let mut p = Vec::new();
+        p.extend_from_slice(&iova.to_le_bytes());
+        p.extend_from_slice(&size.to_le_bytes());
+        p.extend_from_slice(&uaddr.to_le_bytes());
+        p.extend_from_slice(&[perm, kind, 0, 0, 0, 0, 0, 0]);
+        p
+    };
+    // Each message asks for a reply: the relay answers with a status (0 or not).
+    let replied = [
+        iotlb(0x1000, 0x1000, 0x7f00_0000_0000, 3, 2),
+        iotlb(u64::MAX - 10, 100, 0, 3, 2),
+        iotlb(0, 0, 0, 0xff, 2),
+        iotlb(0, 0, 0, 0, 0x77),
+        iotlb(0, u64::MAX, 0, 0x43, 3),
+        vec![1, 2, 3],
+    ];
+    {
+        let mut s = UnixStream::connect(&d.socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        for (i, p) in replied.iter().enumerate() {
+            s.write_all(&vu_msg(IOTLB_MSG, NEED_REPLY, p))
+                .expect("send");
+            let mut reply = [0u8; 20];
+            std::io::Read::read_exact(&mut s, &mut reply).expect("IOTLB reply");
+            assert_eq!(&reply[0..4], &IOTLB_MSG.to_le_bytes());
+            let status = u64::from_le_bytes(reply[12..20].try_into().expect("8 bytes"));
+            assert_eq!(
+                status == 0,
+                i == 0 || i == 4,
+                "status of message {i}: {status}"
+            );
+        }
+        // Ring addresses before any memory table, then a header promising 4 GiB.
+        let _ = s.write_all(&vu_msg(9, 1, &[0u8; 40]));
+        let _ = s.write_all(&[5, 0, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    d.assert_running();
+    // A truncated message, then an abrupt close.
+    {
+        let mut s = UnixStream::connect(&d.socket).expect("connect");
+        let _ = s.write_all(&vu_msg(IOTLB_MSG, 1, &[0u8; 32])[..20]);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    d.assert_running();
+
+    let mut f = Frontend::connect(&d.socket);
+    f.check_pattern(1 << 20, 3);
     drop(f);
     d.assert_running();
 }

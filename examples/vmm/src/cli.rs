@@ -56,6 +56,24 @@ pub enum CliError {
     /// An option given twice that may appear only once.
     #[error("option {0} given more than once")]
     Repeated(&'static str),
+    /// `--device` with an unknown kind.
+    #[error("bad --device {0:?}: use vfio=SYSFS_PATH")]
+    BadDevice(String),
+    /// Two options that cannot be used together.
+    #[error("{0} and {1} cannot be used together: {2}")]
+    Conflict(&'static str, &'static str, &'static str),
+    /// `--iommu` with an unknown model.
+    #[error("bad --iommu {0:?}: use vtd or virtio")]
+    BadIommu(String),
+}
+
+/// Which IOMMU the DMA-capable devices sit behind (`--iommu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IommuKind {
+    /// An emulated Intel VT-d unit (MMIO registers, DMAR table).
+    Vtd,
+    /// A virtio-iommu-pci function (VIOT table).
+    Virtio,
 }
 
 /// Where the UART's output (and input) goes.
@@ -130,6 +148,10 @@ pub struct Config {
     pub kvm_device: PathBuf,
     /// Unix socket for the JSON-lines control interface (docs/CONTROL.md).
     pub control: Option<PathBuf>,
+    /// The IOMMU every virtio-blk and IDE DMA goes through, if any.
+    pub iommu: Option<IommuKind>,
+    /// Host PCI devices passed through with VFIO (sysfs directories).
+    pub vfio: Vec<PathBuf>,
 }
 
 impl Default for Config {
@@ -148,6 +170,8 @@ impl Default for Config {
             trap_stats: None,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             control: None,
+            iommu: None,
+            vfio: Vec::new(),
         }
     }
 }
@@ -192,6 +216,12 @@ OPTIONS:
     --control PATH        serve the JSON-lines control interface on a unix socket at PATH:
                           disks, scheduling statistics and parameters, filter-stack controls
                           (docs/CONTROL.md)
+    --iommu vtd|virtio    put the disks' DMA (virtio-blk, IDE bus master) behind an emulated
+                          Intel VT-d unit (MMIO 0xfed90000) or a virtio-iommu-pci at 00:03.0;
+                          DMA passes through until the guest enables translation (docs/IOMMU.md)
+    --device vfio=PATH    pass a host PCI device bound to vfio-pci through to the guest
+                          (PATH: its sysfs directory, e.g. /sys/bus/pci/devices/0000:01:00.0;
+                          repeatable; placed after the virtio disks; not with --iommu)
     --kvm-device PATH     KVM device node [default: /dev/kvm]
     -h, --help            print this help
 
@@ -367,13 +397,15 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--trap-stats" => "--trap-stats",
             "--kvm-device" => "--kvm-device",
             "--control" => "--control",
+            "--iommu" => "--iommu",
+            "--device" => "--device",
             _ => return Err(CliError::UnknownOption(arg)),
         };
         let value = match inline {
             Some(v) => v,
             None => args.next().ok_or(CliError::MissingValue(opt))?,
         };
-        if opt != "--disk" {
+        if opt != "--disk" && opt != "--device" {
             if seen.contains(&opt) {
                 return Err(CliError::Repeated(opt));
             }
@@ -418,8 +450,26 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--kvm-device" => cfg.kvm_device = PathBuf::from(value),
             "--control" if value.is_empty() => return Err(CliError::MissingValue("--control")),
             "--control" => cfg.control = Some(PathBuf::from(value)),
+            "--device" => match value.strip_prefix("vfio=") {
+                Some(p) if !p.is_empty() => cfg.vfio.push(PathBuf::from(p)),
+                _ => return Err(CliError::BadDevice(value)),
+            },
+            "--iommu" => {
+                cfg.iommu = Some(match value.as_str() {
+                    "vtd" | "intel" => IommuKind::Vtd,
+                    "virtio" => IommuKind::Virtio,
+                    _ => return Err(CliError::BadIommu(value)),
+                })
+            }
             _ => unreachable!("every option name is matched above"),
         }
+    }
+    if cfg.iommu.is_some() && !cfg.vfio.is_empty() {
+        return Err(CliError::Conflict(
+            "--iommu",
+            "--device vfio=",
+            "pass-through devices do not follow a virtual IOMMU's mappings yet",
+        ));
     }
     if cfg.kernel.is_none() {
         if let Some(opt) = seen_kernel_opts.first() {
@@ -490,7 +540,31 @@ mod tests {
             "--trap-stats=/tmp/t.json",
             "--control",
             "/tmp/c.sock",
+            "--iommu",
+            "vtd",
         ]);
+        assert_eq!(c.iommu, Some(IommuKind::Vtd));
+        assert_eq!(cfg(&["--iommu=virtio"]).iommu, Some(IommuKind::Virtio));
+        assert_eq!(
+            cfg(&["--device", "vfio=/sys/x", "--device=vfio=/sys/y"]).vfio,
+            vec![PathBuf::from("/sys/x"), PathBuf::from("/sys/y")]
+        );
+        assert!(matches!(
+            p(&["--device", "vfio="]),
+            Err(CliError::BadDevice(_))
+        ));
+        assert!(matches!(
+            p(&["--device", "virtio-net"]),
+            Err(CliError::BadDevice(_))
+        ));
+        assert!(matches!(
+            p(&["--device", "vfio=/a", "--iommu", "vtd"]),
+            Err(CliError::Conflict(..))
+        ));
+        assert_eq!(
+            p(&["--iommu", "amd"]),
+            Err(CliError::BadIommu("amd".into()))
+        );
         assert_eq!(c.mem, 1 << 30);
         assert_eq!(c.cpus, 2);
         assert_eq!(c.serial, SerialMode::File("/tmp/x".into()));

@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use iovirt_backend::{open_async, open_image, AsyncEngine, BlockBackend, OpenError, ThreadPool};
 use iovirt_bus::pci::{BarEvent, BarObserver, PciAddress, PciError, PciRoot};
 use iovirt_bus::{AddressSpace, Bus, BusError, InterruptLine, MsiSink};
+use iovirt_iommu::RequesterId;
 use iovirt_legacy::chipset::Piix3;
 use iovirt_legacy::ide::{Ide, IdeError, Slot, IDE_ADDRESS};
 use iovirt_sched::{
@@ -44,10 +45,11 @@ use iovirt_sched::{
 use iovirt_virtio::block::{BlockConfig, BlockDeviceError, CoalesceParams, VirtioBlock};
 use iovirt_virtio::pci::{VirtioPciDevice, VirtioPciError, VIRTIO_BAR};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::cli::{DiskConfig, DiskInterface};
+use crate::iommu::IommuWiring;
 use crate::irq::{LevelMux, PirqLine};
 use crate::vm::KvmIrqLine;
 
@@ -210,6 +212,8 @@ pub struct DiskWiring<'a> {
     pub msi: Arc<dyn MsiSink>,
     /// Register ioeventfds for queue notifications.
     pub ioeventfd: bool,
+    /// The IOMMU every disk's DMA goes through (`--iommu`), if any.
+    pub iommu: Option<&'a Arc<IommuWiring>>,
 }
 
 /// Disks as wired (handles kept for the VM's lifetime).
@@ -358,6 +362,45 @@ fn open_disk(
     Ok(backend)
 }
 
+/// Why [`add_virtio_blk`] failed: the transport (the caller names the disk) or the PCI root.
+enum AddError {
+    Transport(VirtioPciError),
+    Pci(PciError),
+}
+
+impl AddError {
+    fn or(self, transport: impl FnOnce(VirtioPciError) -> DiskError) -> DiskError {
+        match self {
+            AddError::Transport(e) => transport(e),
+            AddError::Pci(e) => DiskError::Pci(e),
+        }
+    }
+}
+
+/// Put `blk` on the PCI root at `addr` as virtio-blk-pci with DMA through `mem`.
+fn add_virtio_blk<M: GuestMemory + Send + Sync + 'static>(
+    w: &DiskWiring<'_>,
+    ioeventfds: &IoEventFds,
+    addr: PciAddress,
+    blk: VirtioBlock,
+    mem: M,
+    intx: Arc<dyn InterruptLine>,
+) -> Result<(), AddError>
+where
+    VirtioBlock: iovirt_virtio::VirtioDevice<M>,
+{
+    let dev = VirtioPciDevice::new(
+        Box::new(blk),
+        GuestMemoryAtomic::new(mem),
+        w.msi.clone(),
+        Some(intx),
+    )
+    .map_err(AddError::Transport)?;
+    ioeventfds.add(addr, dev.ioeventfds());
+    w.pci.add_function(addr, dev).map_err(AddError::Pci)?;
+    Ok(())
+}
+
 /// Attach every `--disk` and the `--cdrom`.
 pub fn attach(
     w: &DiskWiring<'_>,
@@ -397,19 +440,21 @@ pub fn attach(
         })?;
         let intx: Arc<dyn InterruptLine> =
             Arc::new(PirqLine::new(mux.clone(), w.piix3.clone(), slot, 1));
-        let dev = VirtioPciDevice::new(
-            Box::new(blk),
-            GuestMemoryAtomic::new(w.ram.clone()),
-            w.msi.clone(),
-            Some(intx),
-        )
-        .map_err(|err| DiskError::Transport {
+        let addr = PciAddress::new(0, slot, 0)?;
+        // Rings and buffers through the IOMMU, by requester ID, when there is one.
+        let transport = |err| DiskError::Transport {
             path: d.path.clone(),
             err,
-        })?;
-        let addr = PciAddress::new(0, slot, 0)?;
-        ioeventfds.add(addr, dev.ioeventfds());
-        w.pci.add_function(addr, dev)?;
+        };
+        match w.iommu {
+            Some(iommu) => {
+                let view = iommu.view(w.ram, RequesterId::new(0, slot, 0));
+                add_virtio_blk(w, &ioeventfds, addr, blk, view, intx)
+                    .map_err(|e| e.or(transport))?
+            }
+            None => add_virtio_blk(w, &ioeventfds, addr, blk, w.ram.clone(), intx)
+                .map_err(|e| e.or(transport))?,
+        }
         log::info!(
             "virtio-blk-pci at {addr}: {} (cache={}{})",
             d.path.display(),
@@ -435,7 +480,15 @@ pub fn attach(
     } else {
         let line =
             |gsi: u32| -> Arc<dyn InterruptLine> { Arc::new(KvmIrqLine::new(w.vm.clone(), gsi)) };
-        let ide = Ide::new(Arc::new(w.ram.clone()), line(14), line(15));
+        // Bus-master DMA through the IOMMU as 00:01.1 when there is one.
+        let ide = match w.iommu {
+            Some(iommu) => Ide::new(
+                Arc::new(iommu.view(w.ram, RequesterId::new(0, 1, 1))),
+                line(14),
+                line(15),
+            ),
+            None => Ide::new(Arc::new(w.ram.clone()), line(14), line(15)),
+        };
         for ((i, d), slot) in ide_disks
             .iter()
             .zip([Slot::PRIMARY_MASTER, Slot::PRIMARY_SLAVE])

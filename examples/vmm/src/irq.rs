@@ -32,6 +32,7 @@
 //! `KVM_IRQ_LINE`; several functions sharing an IRQ are or-ed ([`LevelMux`]).
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -149,6 +150,8 @@ struct RouterInner {
     next_gsi: u32,
     /// Why new messages no longer get routes (they use `KVM_SIGNAL_MSI`).
     fallback: Option<String>,
+    /// Pass-through vectors: eventfd (by raw fd) -> (GSI, irqfd registered).
+    passthrough: HashMap<RawFd, (u32, bool)>,
 }
 
 /// An [`MsiSink`] over KVM: irqfd + GSI route per message, `KVM_SIGNAL_MSI` fallback.
@@ -168,6 +171,7 @@ impl KvmMsiRouter {
                 irqfds: HashMap::new(),
                 next_gsi: FIRST_MSI_GSI,
                 fallback: (!routing).then(|| "KVM lacks irqfd or GSI routing".to_string()),
+                passthrough: HashMap::new(),
             }),
         }
     }
@@ -252,6 +256,122 @@ impl MsiSink for KvmMsiRouter {
             }
             None => self.signal(msg),
         }
+    }
+}
+
+impl KvmMsiRouter {
+    /// Route a pass-through vector: signals of `fd` (written by the host
+    /// device through VFIO) become MSI `msg` inside KVM (its own GSI route and
+    /// irqfd); `None` unregisters the irqfd so signals stay pending in `fd`.
+    pub fn set_fd_route(&self, fd: &EventFd, msg: Option<MsiMessage>) -> std::io::Result<()> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let key = fd.as_raw_fd();
+        let Some(msg) = msg else {
+            if let Some((gsi, registered)) = inner.passthrough.get_mut(&key) {
+                if *registered {
+                    self.vm
+                        .unregister_irqfd(fd, *gsi)
+                        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+                    *registered = false;
+                }
+            }
+            return Ok(());
+        };
+        let gsi = match inner.passthrough.get(&key) {
+            Some((gsi, _)) => *gsi,
+            None => {
+                if inner.irqfds.len() + inner.passthrough.len() >= MAX_MSI_ROUTES {
+                    return Err(std::io::Error::other(format!(
+                        "more than {MAX_MSI_ROUTES} MSI routes"
+                    )));
+                }
+                let gsi = inner.next_gsi;
+                inner.next_gsi += 1;
+                inner.passthrough.insert(key, (gsi, false));
+                gsi
+            }
+        };
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
+        e.u.msi.address_lo = msg.address as u32;
+        e.u.msi.address_hi = (msg.address >> 32) as u32;
+        e.u.msi.data = msg.data;
+        let mut routes: Vec<kvm_irq_routing_entry> = inner
+            .routes
+            .iter()
+            .filter(|r| r.gsi != gsi)
+            .copied()
+            .collect();
+        routes.push(e);
+        let table = KvmIrqRouting::from_entries(&routes)
+            .map_err(|e| std::io::Error::other(format!("routing table: {e:?}")))?;
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        inner.routes = routes;
+        if let Some((_, registered)) = inner.passthrough.get_mut(&key) {
+            if !*registered {
+                // A signal that arrived while unrouted is delivered now.
+                self.vm
+                    .register_irqfd(fd, gsi)
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+                *registered = true;
+            }
+        }
+        IRQ_COUNTERS.msi_routes.fetch_add(1, Ordering::Relaxed);
+        log::debug!(
+            "pass-through MSI {:#x}/{:#x}: GSI {gsi}",
+            msg.address,
+            msg.data
+        );
+        Ok(())
+    }
+}
+
+/// [`crate::vfio::IrqRoutes`] for a pass-through function in `slot`: MSI and
+/// MSI-X through the VM's [`KvmMsiRouter`], INTx as an irqfd with a resample
+/// eventfd on the ISA IRQ the PIIX3 routes the slot's INTA# to.
+pub struct KvmVfioRoutes {
+    router: Arc<KvmMsiRouter>,
+    piix3: Arc<Mutex<Piix3>>,
+    slot: u8,
+}
+
+impl KvmVfioRoutes {
+    /// Routes for the function in `slot`.
+    pub fn new(router: Arc<KvmMsiRouter>, piix3: Arc<Mutex<Piix3>>, slot: u8) -> Self {
+        KvmVfioRoutes {
+            router,
+            piix3,
+            slot,
+        }
+    }
+}
+
+impl crate::vfio::IrqRoutes for KvmVfioRoutes {
+    fn set_msi_route(&self, fd: &Arc<EventFd>, msg: Option<MsiMessage>) -> std::io::Result<()> {
+        self.router.set_fd_route(fd, msg)
+    }
+
+    fn route_intx(&self, trigger: &Arc<EventFd>, resample: &Arc<EventFd>) -> std::io::Result<()> {
+        let irq = self
+            .piix3
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .intx_route(self.slot, 1)
+            .ok_or_else(|| std::io::Error::other("INTA# has no PIRQ route yet"))?;
+        self.router
+            .vm
+            .register_irqfd_with_resample(trigger, resample, u32::from(irq))
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        log::info!(
+            "pass-through INTx of slot {}: IRQ {irq} via irqfd",
+            self.slot
+        );
+        Ok(())
     }
 }
 

@@ -14,11 +14,13 @@ mod cli;
 mod control;
 mod devices;
 mod disks;
+mod iommu;
 mod irq;
 mod layout;
 mod stats;
 mod terminal;
 mod vcpu;
+mod vfio;
 mod vm;
 
 use std::sync::Arc;
@@ -51,6 +53,10 @@ enum VmmError {
     Memory { size: u64, err: String },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Iommu(#[from] iommu::IommuError),
+    #[error(transparent)]
+    Vfio(#[from] vfio::host::OpenError),
     #[error("control socket {path}: {err}")]
     Control { path: String, err: std::io::Error },
     #[error("{0}")]
@@ -101,6 +107,9 @@ fn check_disks(cfg: &Config) -> Result<(), VmmError> {
 
 fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
     check_disks(cfg)?;
+    for path in &cfg.vfio {
+        vfio::host::check_path(path)?;
+    }
     let kvm = vm::open_kvm(&cfg.kvm_device)?;
     let mut vm = Vm::new(&kvm)?;
 
@@ -155,8 +164,12 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
         },
         &exit,
     )?;
-    let msi: Arc<dyn iovirt_bus::MsiSink> =
-        Arc::new(irq::KvmMsiRouter::new(vm.fd.clone(), vm.msi_routing));
+    let router = Arc::new(irq::KvmMsiRouter::new(vm.fd.clone(), vm.msi_routing));
+    let msi: Arc<dyn iovirt_bus::MsiSink> = router.clone();
+    let iommu = match cfg.iommu {
+        Some(kind) => Some(iommu::IommuWiring::new(kind, &ram, &mmio, msi.clone())?),
+        None => None,
+    };
     let mut disks = disks::attach(
         &disks::DiskWiring {
             vm: &vm.fd,
@@ -164,11 +177,36 @@ fn run(cfg: &Config) -> Result<ExitReason, VmmError> {
             pio: &pio,
             pci: &devices.pci,
             piix3: &devices.piix3,
-            msi,
+            msi: msi.clone(),
             ioeventfd: vm.ioeventfd,
+            iommu: iommu.as_ref(),
         },
         &cfg.disks,
         cfg.cdrom.as_deref(),
+    )?;
+    if let Some(iommu) = &iommu {
+        iommu.finish(&ram, &devices.pci, msi)?;
+        if entry.is_some() {
+            // VIOT applies to PCI devices under an ACPI host bridge only.
+            let pci_root = cfg.iommu == Some(cli::IommuKind::Virtio);
+            boot::acpi::write(&ram, cfg.cpus, &[iommu.acpi_table()], pci_root)?;
+        }
+    }
+
+    // Pass-through devices, in the slots after the virtio disks.
+    let virtio_disks = cfg
+        .disks
+        .iter()
+        .filter(|d| d.interface == cli::DiskInterface::Virtio);
+    let first_slot = disks::FIRST_VIRTIO_SLOT.saturating_add(virtio_disks.count() as u8);
+    vfio::host::attach_all(
+        &cfg.vfio,
+        &vm.fd,
+        &ram,
+        &devices.pci,
+        &devices.piix3,
+        &router,
+        first_slot,
     )?;
 
     // The control socket (removed again when `_control` drops).

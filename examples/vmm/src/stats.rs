@@ -102,6 +102,9 @@ pub struct TrapReport {
     pub marks: Vec<Mark>,
     /// ioeventfds registered when the VM stopped (virtio queue notify addresses).
     pub ioeventfds: u64,
+    /// The IOMMU's endpoints and DMA fault count (`--iommu`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iommu: Option<crate::iommu::IommuSnapshot>,
     /// What the counters do not see.
     pub note: &'static str,
 }
@@ -142,6 +145,7 @@ pub fn write(path: &Path, pio: &Bus, mmio: &Bus) -> std::io::Result<()> {
         at_exit: snapshot(pio, mmio),
         marks: MARKS.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         ioeventfds: crate::disks::IOEVENTFDS_REGISTERED.load(Ordering::Relaxed),
+        iommu: crate::iommu::snapshot(),
         note: "virtio queue notifications to an ioeventfd address are handled by KVM and never \
                trap; a string I/O instruction counts one trap per item but one exit",
     };

@@ -90,3 +90,21 @@ fn help_succeeds() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--debugcon file=PATH"));
 }
+
+#[test]
+fn vfio_device_that_does_not_exist_fails_before_the_guest_starts() {
+    let started = std::time::Instant::now();
+    let e = fails(&["--device", "vfio=/nonexistent"]);
+    assert!(e.contains("VFIO device /nonexistent"), "{e}");
+    assert!(e.contains("sysfs directory"), "{e}");
+    // A directory that is not a PCI device in an IOMMU group.
+    let dir = TempDir::new("vfio_not_pci");
+    let path = dir.path("dev");
+    std::fs::create_dir_all(&path).expect("mkdir");
+    let arg = format!("vfio={}", path.display());
+    let e = fails(&["--device", &arg]);
+    assert!(e.contains("no iommu_group"), "{e}");
+    assert!(fails(&["--device", "vfio="]).contains("bad --device"));
+    assert!(fails(&["--device", "vfio=/x", "--iommu", "vtd"]).contains("cannot be used together"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}

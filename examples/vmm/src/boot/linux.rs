@@ -9,7 +9,7 @@
 //!
 //! Only the boot vCPU (0) gets these registers; the others wait for INIT/SIPI in
 //! KVM's reset state. An MP table (see [`super::mptable`]) lists every vCPU and the
-//! IOAPIC; there is no ACPI.
+//! IOAPIC; ACPI tables ([`super::acpi`]) are written only with `--iommu` (for the DMAR or VIOT).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};

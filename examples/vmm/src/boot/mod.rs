@@ -1,5 +1,6 @@
 //! How the guest starts: firmware at the reset vector, or a Linux kernel loaded directly.
 
+pub mod acpi;
 pub mod firmware;
 pub mod linux;
 pub mod mptable;
