@@ -38,14 +38,15 @@ EXPORT OPTIONS:
   --coalesce on|off          virtual interrupt coalescing (vIC): fewer interrupts at high queue depth
   --iommu-platform on|off    offer VIRTIO_F_ACCESS_PLATFORM: DMA through the frontend's vIOMMU
                              (a device IOTLB fed over the backend channel; docs/IOMMU.md)
-With several exports, or any --weight/--reservation/--limit, all exports share one mClock
-scheduling stage (docs/SCHEDULING.md).
+DAEMON OPTIONS (anywhere on the line):
   --sched-depth N            requests in flight at the back-ends over all exports (default 32): small
                              enough that the device's own queue does not undo the schedule
   --connections N            each export exits after serving N frontends (default: serve forever)
   --control PATH             a JSON-lines control socket over all exports (docs/CONTROL.md): disks,
                              sched-set, sched-stats (without \"disk\": every export), the stacks'
-                             filter commands, export-stats";
+                             filter commands, export-stats
+With several exports, or any --weight/--reservation/--limit, all exports share one mClock
+scheduling stage (docs/SCHEDULING.md).";
 
 /// One export: a socket, a disk and how to present and schedule it.
 #[derive(Clone, Debug, PartialEq)]
