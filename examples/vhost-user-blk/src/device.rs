@@ -32,6 +32,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::iotlb::{RingIovas, VhostIotlb, VIRTIO_F_ACCESS_PLATFORM};
 use crate::Error;
@@ -70,8 +71,8 @@ impl VirtioInterrupt for CallInterrupt {
 /// Per-queue state.
 struct QueueCtx {
     index: u16,
-    /// The running queue, between its first kick and GET_VRING_BASE.
-    handler: Mutex<Option<Running>>,
+    /// The running queue and its coalescing timer.
+    run: Mutex<QueueRun>,
     /// Written when a completion on another thread is waiting; in the worker's epoll.
     wake: Arc<EventFd>,
     /// The vring (remembered at the first event, for GET_VRING_BASE).
@@ -103,6 +104,72 @@ impl Running {
             Running::Dma(h) => h.queue(),
         }
     }
+    fn coalesce_deadline(&self) -> Option<Instant> {
+        match self {
+            Running::Plain(h) => h.coalesce_deadline(),
+            Running::Dma(h) => h.coalesce_deadline(),
+        }
+    }
+    fn flush_interrupts(&mut self) {
+        match self {
+            Running::Plain(h) => h.flush_interrupts(),
+            Running::Dma(h) => h.flush_interrupts(),
+        }
+    }
+}
+
+/// The running queue, between its first kick and GET_VRING_BASE, and its
+/// coalescing deadline timer.
+struct QueueRun {
+    handler: Option<Running>,
+    /// With coalescing: fires at the handler's `coalesce_deadline()`; in the
+    /// worker's epoll. Non-blocking (see `handle_event`).
+    timer: Option<TimerFd>,
+    /// The deadline the timer is armed for.
+    armed: Option<Instant>,
+}
+
+impl QueueRun {
+    /// Arm the timer for the handler's coalescing deadline, if it moved.
+    fn arm(&mut self, queue: u16) {
+        let (Some(t), Some(h)) = (self.timer.as_mut(), self.handler.as_ref()) else {
+            return;
+        };
+        let Some(d) = h.coalesce_deadline() else {
+            return;
+        };
+        if self.armed == Some(d) {
+            return;
+        }
+        // A zero duration would disarm the timer: wait at least 1 ns.
+        let wait = d
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_nanos(1));
+        match t.reset(wait, None) {
+            Ok(()) => self.armed = Some(d),
+            Err(e) => {
+                // Without the timer the interrupt must not wait: deliver now.
+                log::warn!("queue {queue}: cannot arm the coalescing timer: {e}");
+                if let Some(h) = self.handler.as_mut() {
+                    h.flush_interrupts();
+                }
+            }
+        }
+    }
+}
+
+/// A timerfd whose reads fail with `WouldBlock` instead of waiting when it
+/// has not expired.
+fn nonblocking_timer() -> io::Result<TimerFd> {
+    let t = TimerFd::new()?;
+    let fd = t.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with plain integer arguments.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(t)
 }
 
 /// A copy of a configured queue: the vring keeps its own for the vhost-user
@@ -162,12 +229,22 @@ impl BlkDevice {
     ) -> Result<Self, Error> {
         let num_queues = cfg.num_queues;
         let queue_size = cfg.queue_size;
+        let coalescing = cfg.coalescing.is_some();
         let blk = VirtioBlock::new(disk, cfg).map_err(|e| Error::Usage(e.to_string()))?;
         let queues = (0..num_queues)
             .map(|index| {
+                let timer = if coalescing {
+                    Some(nonblocking_timer()?)
+                } else {
+                    None
+                };
                 Ok(QueueCtx {
                     index,
-                    handler: Mutex::new(None),
+                    run: Mutex::new(QueueRun {
+                        handler: None,
+                        timer,
+                        armed: None,
+                    }),
                     wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
                     vring: OnceLock::new(),
                 })
@@ -212,6 +289,35 @@ impl BlkDevice {
         self.0.queues.len() as u64 + 1
     }
 
+    /// With coalescing on, each queue's deadline timer (timerfd); the server
+    /// registers queue `i`'s with worker `i` under [`BlkDevice::timer_event_id`].
+    /// Empty when coalescing is off.
+    pub fn timer_fds(&self) -> Vec<RawFd> {
+        self.0
+            .queues
+            .iter()
+            .filter_map(|q| {
+                let run = q.run.lock().unwrap_or_else(|e| e.into_inner());
+                run.timer.as_ref().map(|t| t.as_raw_fd())
+            })
+            .collect()
+    }
+
+    /// The event id of coalescing deadline timers.
+    pub fn timer_event_id(&self) -> u64 {
+        self.0.queues.len() as u64 + 2
+    }
+
+    /// Requests this device put on its used rings, over all queues.
+    pub fn completions(&self) -> u64 {
+        self.0.blk.completions()
+    }
+
+    /// Interrupts (call eventfd writes) this device sent, over all queues.
+    pub fn interrupts(&self) -> u64 {
+        self.0.blk.interrupts_signalled()
+    }
+
     fn virtio(&self) -> &dyn VirtioDevice<GuestMem> {
         &self.0.blk
     }
@@ -250,6 +356,9 @@ impl BlkDevice {
             if spins % 64 == 0 {
                 if h.inflight() > 0 {
                     h.process_completions();
+                }
+                if h.coalesce_deadline().is_some_and(|d| Instant::now() >= d) {
+                    h.flush_interrupts();
                 }
                 if Instant::now() >= deadline {
                     // Re-arm the driver's kicks; if it posted meanwhile, go on polling.
@@ -410,9 +519,15 @@ impl VhostUserBackend for BlkDevice {
         let Some(q) = self.0.queues.get(queue_index as usize) else {
             return Ok(());
         };
-        let Some(mut h) = q.handler.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        let mut run = q.run.lock().unwrap_or_else(|e| e.into_inner());
+        run.armed = None;
+        if let Some(t) = run.timer.as_mut() {
+            let _ = t.clear();
+        }
+        let Some(mut h) = run.handler.take() else {
             return Ok(());
         };
+        drop(run);
         // Finish what is in flight, so the used ring is complete when the frontend reads it.
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
@@ -429,6 +544,7 @@ impl VhostUserBackend for BlkDevice {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+        h.flush_interrupts();
         if let Some(v) = q.vring.get() {
             let mut v = v.get_mut();
             let queue = v.get_queue_mut();
@@ -450,22 +566,37 @@ impl VhostUserBackend for BlkDevice {
             return Ok(());
         };
         let _ = q.vring.set(vring.clone());
-        let mut slot = q.handler.lock().unwrap_or_else(|e| e.into_inner());
-        if u64::from(device_event) == self.completion_event_id() {
+        let mut run = q.run.lock().unwrap_or_else(|e| e.into_inner());
+        let id = u64::from(device_event);
+        if id == self.completion_event_id() {
             let _ = q.wake.read();
-            if let Some(h) = slot.as_mut() {
+            if let Some(h) = run.handler.as_mut() {
                 h.process_completions();
             }
-        } else if device_event == 0 {
-            if slot.is_none() {
-                *slot = self.start_queue(q, vring);
+        } else if id == self.timer_event_id() {
+            // The timerfd is non-blocking: GET_VRING_BASE (on another thread)
+            // may have disarmed it after epoll reported it, and an old
+            // expiry may be reported after it was re-armed for later.
+            if let Some(t) = run.timer.as_mut() {
+                let _ = t.wait();
             }
-            match slot.as_mut() {
+            run.armed = None;
+            if let Some(h) = run.handler.as_mut() {
+                if h.coalesce_deadline().is_some_and(|d| Instant::now() >= d) {
+                    h.flush_interrupts();
+                }
+            }
+        } else if device_event == 0 {
+            if run.handler.is_none() {
+                run.handler = self.start_queue(q, vring);
+            }
+            match run.handler.as_mut() {
                 Some(Running::Plain(h)) => self.poll(h),
                 Some(Running::Dma(h)) => self.poll(h),
                 None => {}
             }
         }
+        run.arm(q.index);
         // Errors are logged by the queue handler; returning one would stop this worker.
         Ok(())
     }

@@ -153,28 +153,17 @@ impl std::str::FromStr for DiskSpec {
 }
 
 impl DiskSpec {
-    /// Open the back-end, and for `stack=` keep the built stack with its
-    /// control handles (mirror, redo log, multipath, migration) for `--control`.
-    pub fn open_stack(
-        &self,
-    ) -> Result<(Arc<dyn BlockBackend>, Option<iovirt_filter::stack::Stack>), Error> {
-        match self {
-            DiskSpec::Stack { path } => {
-                let stack = iovirt_filter::stack::StackSpec::from_file(path)
-                    .and_then(|s| s.build_stack())
-                    .map_err(|source| Error::Stack {
-                        path: path.clone(),
-                        source,
-                    })?;
-                Ok((stack.backend.clone(), Some(stack)))
-            }
-            _ => Ok((self.open()?, None)),
-        }
-    }
-
     /// Open the back-end.
     pub fn open(&self) -> Result<Arc<dyn BlockBackend>, Error> {
-        Ok(match self {
+        Ok(self.open_with_stack()?.0)
+    }
+
+    /// Open the back-end; for `stack=` also return the built stack, whose
+    /// filters' control handles the control socket serves.
+    pub fn open_with_stack(
+        &self,
+    ) -> Result<(Arc<dyn BlockBackend>, Option<iovirt_filter::stack::Stack>), Error> {
+        let disk: Arc<dyn BlockBackend> = match self {
             DiskSpec::File {
                 path,
                 read_only,
@@ -193,12 +182,40 @@ impl DiskSpec {
                 Arc::new(Inline(MemoryBackend::new(*size)))
             }
             DiskSpec::Stack { path } => {
-                iovirt_filter::stack::open_stack_file(path).map_err(|source| Error::Stack {
-                    path: path.clone(),
-                    source,
-                })?
+                let stack = iovirt_filter::stack::StackSpec::from_file(path)
+                    .and_then(|spec| spec.build_stack())
+                    .map_err(|source| Error::Stack {
+                        path: path.clone(),
+                        source,
+                    })?;
+                return Ok((stack.backend.clone(), Some(stack)));
             }
-        })
+        };
+        Ok((disk, None))
+    }
+
+    /// The spec as it is written on the command line.
+    pub fn describe(&self) -> String {
+        match self {
+            DiskSpec::File {
+                path,
+                read_only,
+                cache,
+                engine,
+            } => format!(
+                "path={},readonly={},cache={cache},engine={}",
+                path.display(),
+                if *read_only { "on" } else { "off" },
+                match engine {
+                    AsyncEngine::Auto => "auto",
+                    AsyncEngine::Uring => "io_uring",
+                    AsyncEngine::ThreadPool => "threads",
+                }
+            ),
+            DiskSpec::Null { size } => format!("null,size={size}"),
+            DiskSpec::Memory { size } => format!("memory,size={size}"),
+            DiskSpec::Stack { path } => format!("stack={}", path.display()),
+        }
     }
 }
 

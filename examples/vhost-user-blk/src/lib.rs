@@ -22,6 +22,12 @@
 //! complete with an error status and a log line, never a panic; a frontend that
 //! disconnects leaves the daemon ready for the next one.
 //!
+//! One daemon can serve several exports (several VMs), each on its own socket
+//! with its own disk, serial, queues and scheduling parameters
+//! ([`config`]); all exports then share one `iovirt-sched` mClock stage, so
+//! weights, reservations and limits divide the back-ends between them
+//! ([`daemon`]).
+//!
 //! ```
 //! use std::time::Duration;
 //! use iovirt_vhost_user_blk::device::BlkDevice;
@@ -38,6 +44,8 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod config;
+pub mod daemon;
 pub mod device;
 pub mod disk;
 pub mod iotlb;

@@ -12,9 +12,22 @@
 //! and end of each job's measured window and reports the daemon's CPU-seconds
 //! and IOPS per daemon CPU-second ("IOPS per core").
 //!
+//! blkio keeps the call eventfd to itself, so interrupts are counted by the
+//! daemon: with `--control SOCK` (an `iovirt-vhost-user-blk --control`
+//! socket) and `--export NAME` it asks the daemon's `export-stats` at the
+//! start and end of each measured window and reports interrupts per request.
+//!
+//! With `--interval-ms N` it also counts completions in every N ms of the
+//! measured window and reports them as IOPS per interval (`interval_iops` in
+//! the JSON), so a test can check a rate in every window, not only on
+//! average. With `--start-at UNIX_MS` it connects at once but starts the
+//! first job only at that wall-clock time, so several load generators
+//! against one daemon measure the same window.
+//!
 //! ```text
 //! iovirt-blk-loadgen --socket PATH [--duration 5] [--depths 1,32] [--ops randread,randwrite]
 //!                    [--bs 4096] [--label NAME] [--json FILE] [--cpu-pid PID]
+//!                    [--interval-ms N] [--start-at UNIX_MS] [--control SOCK --export NAME]
 //! ```
 
 use std::mem::MaybeUninit;
@@ -24,7 +37,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, ReqFlags};
 use serde::Serialize;
 
-const USAGE: &str = "usage: iovirt-blk-loadgen --socket PATH [--duration SECS] [--depths 1,32] [--ops randread,randwrite] [--bs 4096] [--label NAME] [--json FILE] [--cpu-pid PID]";
+const USAGE: &str = "usage: iovirt-blk-loadgen --socket PATH [--duration SECS] [--depths 1,32] [--ops randread,randwrite] [--bs 4096] [--label NAME] [--json FILE] [--cpu-pid PID] [--interval-ms N] [--start-at UNIX_MS] [--control SOCK --export NAME]";
 
 /// Why a run failed; printed as one line.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +93,25 @@ struct Args {
     label: String,
     json: Option<String>,
     cpu_pid: Option<u32>,
+    interval: Option<Duration>,
+    start_at: Option<std::time::SystemTime>,
+    control: Option<String>,
+    export: Option<String>,
+}
+
+/// The daemon's request and interrupt counters of one export, through its
+/// control socket (`export-stats`); `None` if it cannot tell.
+fn export_counters(control: &str, export: &str) -> Option<(u64, u64)> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(control).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let req = serde_json::json!({"cmd": "export-stats", "disk": export});
+    writeln!(s, "{req}").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    let e = v.get("exports")?.get(0)?;
+    Some((e.get("requests")?.as_u64()?, e.get("interrupts")?.as_u64()?))
 }
 
 /// CPU time in seconds (user + system, all threads, live and exited) of process `pid`.
@@ -106,6 +138,10 @@ fn parse_args() -> Result<Args, Error> {
         label: String::new(),
         json: None,
         cpu_pid: None,
+        interval: None,
+        start_at: None,
+        control: None,
+        export: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -152,11 +188,30 @@ fn parse_args() -> Result<Args, Error> {
                 }
                 a.cpu_pid = Some(pid);
             }
+            "--interval-ms" => {
+                let ms = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|m| (1..=3_600_000).contains(m))
+                    .ok_or_else(bad)?;
+                a.interval = Some(Duration::from_millis(ms));
+            }
+            "--control" => a.control = Some(v.clone()),
+            "--export" => a.export = Some(v.clone()),
+            "--start-at" => {
+                let ms = v.parse::<u64>().map_err(|_| bad())?;
+                a.start_at = Some(std::time::UNIX_EPOCH + Duration::from_millis(ms));
+            }
             _ => return Err(Error::Usage(format!("unknown argument {k:?}\n{USAGE}"))),
         }
     }
     if a.socket.is_empty() {
         return Err(Error::Usage(format!("--socket is required\n{USAGE}")));
+    }
+    if a.control.is_some() != a.export.is_some() {
+        return Err(Error::Usage(format!(
+            "--control and --export go together\n{USAGE}"
+        )));
     }
     Ok(a)
 }
@@ -183,6 +238,17 @@ struct JobResult {
     /// IOPS per daemon CPU-second: I/Os / daemon CPU-seconds (with `--cpu-pid`).
     #[serde(skip_serializing_if = "Option::is_none")]
     iops_per_cpu_s: Option<f64>,
+    /// Length of each `interval_iops` window, ms (with `--interval-ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interval_ms: Option<u64>,
+    /// Completions per second in each window of the measured time, in order
+    /// (the last, partial window left out).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    interval_iops: Vec<f64>,
+    /// Interrupts the daemon sent per request it completed in the measured
+    /// window (with `--control`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interrupts_per_request: Option<f64>,
 }
 
 /// xorshift64*: cheap, good enough to spread offsets.
@@ -236,10 +302,16 @@ impl Rig {
         }
         let mut inflight = depth;
         let measure_from = t0 + Duration::from_millis(200);
+        let mut windows: Vec<u64> = Vec::new();
         let end = measure_from + a.duration;
         let mut measured_start = None;
         let mut cpu_start = None;
-        let cpu_end = loop {
+        let mut irq_start = None;
+        let counters = || match (&a.control, &a.export) {
+            (Some(c), Some(e)) => export_counters(c, e),
+            _ => None,
+        };
+        let (cpu_end, irq_end) = loop {
             let n = blk(
                 "waiting for completions",
                 self.q.do_io(&mut done, 1, None, None),
@@ -250,6 +322,7 @@ impl Rig {
             if measuring && measured_start.is_none() {
                 measured_start = Some(now);
                 cpu_start = a.cpu_pid.and_then(process_cpu_seconds);
+                irq_start = counters();
             }
             let stop = now >= end;
             for c in done.iter().take(n) {
@@ -262,6 +335,17 @@ impl Rig {
                 if let Some(s) = start.get(slot) {
                     if measuring && !stop {
                         lats.push(now.duration_since(*s).as_nanos().min(u32::MAX as u128) as u32);
+                        if let Some(iv) = a.interval {
+                            let w = (now.duration_since(measure_from).as_nanos()
+                                / iv.as_nanos().max(1))
+                                as usize;
+                            if windows.len() <= w {
+                                windows.resize(w + 1, 0);
+                            }
+                            if let Some(c) = windows.get_mut(w) {
+                                *c += 1;
+                            }
+                        }
                     }
                 }
                 if !stop {
@@ -273,7 +357,7 @@ impl Rig {
                 }
             }
             if stop {
-                break a.cpu_pid.and_then(process_cpu_seconds);
+                break (a.cpu_pid.and_then(process_cpu_seconds), counters());
             }
         };
         // Drain what is still in flight, so the next job starts from an idle queue.
@@ -291,7 +375,23 @@ impl Rig {
         };
         let iops = if secs > 0.0 { ios as f64 / secs } else { 0.0 };
         let daemon_cpu_s = cpu_start.zip(cpu_end).map(|(s, e)| (e - s).max(0.0));
+        let interrupts_per_request = irq_start.zip(irq_end).and_then(|((r0, i0), (r1, i1))| {
+            let reqs = r1.saturating_sub(r0);
+            (reqs > 0).then(|| i1.saturating_sub(i0) as f64 / reqs as f64)
+        });
         let iops_per_cpu_s = daemon_cpu_s.filter(|c| *c > 0.0).map(|c| ios as f64 / c);
+        // Whole windows only: the last one may be cut short by the end.
+        let interval_iops = match a.interval {
+            Some(iv) => {
+                let whole = (a.duration.as_nanos() / iv.as_nanos().max(1)) as usize;
+                windows.resize(whole, 0);
+                windows
+                    .iter()
+                    .map(|&n| n as f64 / iv.as_secs_f64())
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         Ok(JobResult {
             label: a.label.clone(),
             op,
@@ -308,6 +408,9 @@ impl Rig {
             lat_max_us: lats.last().map_or(0.0, |&l| f64::from(l) / 1000.0),
             daemon_cpu_s,
             iops_per_cpu_s,
+            interval_ms: a.interval.map(|iv| iv.as_millis() as u64),
+            interval_iops,
+            interrupts_per_request,
         })
     }
 }
@@ -355,6 +458,11 @@ fn run() -> Result<(), Error> {
         blocks,
         rng: Rng(0x9e37_79b9_7f4a_7c15),
     };
+    if let Some(at) = a.start_at {
+        if let Ok(wait) = at.duration_since(std::time::SystemTime::now()) {
+            std::thread::sleep(wait);
+        }
+    }
     let mut results = Vec::new();
     for &op in &a.ops {
         for &d in &a.depths {
@@ -368,6 +476,18 @@ fn run() -> Result<(), Error> {
                 println!(
                     "{:<12} daemon CPU {c:.2} s, {k:.0} IOPS per daemon CPU-second",
                     r.label
+                );
+            }
+            if let Some(ipr) = r.interrupts_per_request {
+                println!("{:<12} {ipr:.3} interrupts per request", r.label);
+            }
+            if !r.interval_iops.is_empty() {
+                let list: Vec<String> = r.interval_iops.iter().map(|v| format!("{v:.0}")).collect();
+                println!(
+                    "{:<12} IOPS per {} ms: {}",
+                    r.label,
+                    r.interval_ms.unwrap_or(0),
+                    list.join(" ")
                 );
             }
             results.push(r);
