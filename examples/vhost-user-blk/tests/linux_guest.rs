@@ -690,29 +690,40 @@ fn linux_live_migration_under_a_file_system_workload() {
             assert!(t.elapsed() < BOOT_TIMEOUT, "no MIGRATE-READY:\n{text}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        let req = serde_json::json!({
-            "cmd": "migrate-start", "disk": 0, "node": "vda",
-            "path": dst.to_str().expect("utf-8 path"), "cache": "none",
-        });
-        let v = control(&ctl, &req.to_string());
-        assert_eq!(v["state"], "copying", "{v}");
-        // Watch it until switched.
-        let t = Instant::now();
-        let mut seen = Vec::new();
+        // A loaded machine can slow the copy below the guest's write rate: the
+        // migration then ends as not_converged with I/O still on the source,
+        // intact, and an operator retries. So does the test, a few times.
+        let mut attempts = 0;
         let last = loop {
-            let v = control(&ctl, r#"{"cmd":"migrate-status","disk":"vda"}"#);
-            let state = v["state"].as_str().unwrap_or("?").to_string();
-            if seen.last() != Some(&state) {
-                eprintln!("migration: {v}");
-                seen.push(state.clone());
+            attempts += 1;
+            let req = serde_json::json!({
+                "cmd": "migrate-start", "disk": 0, "node": "vda",
+                "path": dst.to_str().expect("utf-8 path"), "cache": "none",
+            });
+            let v = control(&ctl, &req.to_string());
+            assert_eq!(v["state"], "copying", "{v}");
+            // Watch it until switched.
+            let t = Instant::now();
+            let mut seen = Vec::new();
+            let end = loop {
+                let v = control(&ctl, r#"{"cmd":"migrate-status","disk":"vda"}"#);
+                let state = v["state"].as_str().unwrap_or("?").to_string();
+                if seen.last() != Some(&state) {
+                    eprintln!("migration: {v}");
+                    seen.push(state.clone());
+                }
+                match state.as_str() {
+                    "copying" | "switching" => {}
+                    "switched" | "not_converged" => break v,
+                    _ => panic!("migration ended as {state}: {v}"),
+                }
+                assert!(t.elapsed() < Duration::from_secs(60), "not switched: {v}");
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            if end["state"] == "switched" {
+                break end;
             }
-            match state.as_str() {
-                "copying" | "switching" => {}
-                "switched" => break v,
-                _ => panic!("migration ended as {state}: {v}"),
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "not switched: {v}");
-            std::thread::sleep(Duration::from_millis(100));
+            assert!(attempts < 3, "not converged in {attempts} attempts: {end}");
         };
         // The copy is capped at 24 MiB/s, so the guest writes during it: the
         // chunks it dirtied were copied again.
