@@ -153,6 +153,16 @@ proptest! {
         let secs = 3;
         let run = simulate(&specs, capacity, secs * SEC)?;
         for (c, served) in specs.iter().zip(&run.served) {
+            // A client with a limit can fall short: on a device that serves
+            // one request at a time, another client's long request delays it,
+            // and its limit (spaced from its previous dispatch, so that no
+            // window ever exceeds it) forbids the catch-up burst, while work
+            // conservation hands the gaps to others. Limits win over
+            // reservations by design (docs/SCHEDULING.md); the property is
+            // asserted for clients without one.
+            if c.params.limit.is_some() {
+                continue;
+            }
             let got: f64 = served.iter().map(|s| s.1).sum();
             let want = c.params.reservation * secs as f64;
             let max_cost = CostModel::default().cost(c.kib << 10);
