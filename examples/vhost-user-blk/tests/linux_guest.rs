@@ -641,7 +641,7 @@ fn linux_live_migration_under_a_file_system_workload() {
     let dst = d.join("target.img");
     std::fs::write(
         d.join("vda.toml"),
-        "[vda]\nfilter = \"migrate\"\nchunk-size = \"256K\"\nconverge-bytes = \"1M\"\n\
+        "[vda]\nfilter = \"migrate\"\nchunk-size = \"256K\"\nconverge-bytes = \"4M\"\n\
          max-passes = 100\nstall-passes = 20\nmax-rate = \"24M\"\n\n\
          [vda.child]\nbackend = \"file\"\npath = \"disk.img\"\ncache = \"none\"\n",
     )

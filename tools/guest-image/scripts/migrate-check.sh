@@ -39,7 +39,7 @@ while :; do
 		after=$((after + 1))
 		[ "$after" -lt 8 ] || break
 	fi
-	[ "$i" -lt 2000 ] || { echo "CHECK-FAIL no switch signal after $i files"; exit 1; }
+	[ "$i" -lt 20000 ] || { echo "CHECK-FAIL no switch signal after $i files"; exit 1; }
 done
 sync
 echo "CHECK-OK wrote $i files, $after after the switch"
