@@ -13,6 +13,7 @@ use std::time::Duration;
 use iovirt_sched::{ClientParams, StageConfig};
 
 use crate::disk::DiskSpec;
+use crate::poll::PollMode;
 use crate::Error;
 
 /// Help text, printed by `--help` and after a usage error.
@@ -32,6 +33,8 @@ EXPORT OPTIONS:
   --queue-size N             largest queue size a frontend may use (default 1024)
   --serial ID                serial number (GET_ID, up to 20 bytes; default iovirt)
   --poll-us N                after a kick, poll the ring N microseconds before sleeping (default 50, 0: off)
+  --poll-mode adaptive|fixed adaptive (default): keep polling only while it costs less CPU per
+                             request than sleeping, measured as it runs; fixed: always poll
   --weight W                 share of the daemon's I/O (default 1)
   --reservation R            I/O floor in cost units per second (a 4 KiB request costs 1.125; default 0)
   --limit L|none             I/O ceiling in cost units per second (default none)
@@ -65,6 +68,8 @@ pub struct ExportConfig {
     pub serial: String,
     /// How long a queue's worker polls for new requests after a kick.
     pub poll: Duration,
+    /// Whether polling adapts to what it costs.
+    pub poll_mode: PollMode,
     /// Scheduling parameters given on the command line (`None`: none given).
     pub sched: Option<ClientParams>,
     /// Virtual interrupt coalescing.
@@ -104,6 +109,7 @@ struct Group {
     queue_size: Option<u16>,
     serial: Option<String>,
     poll: Option<Duration>,
+    poll_mode: Option<PollMode>,
     sched: Vec<String>,
     coalesce: Option<bool>,
     iommu_platform: Option<bool>,
@@ -165,6 +171,7 @@ impl Group {
                 .poll
                 .or(defaults.poll)
                 .unwrap_or(Duration::from_micros(50)),
+            poll_mode: self.poll_mode.or(defaults.poll_mode).unwrap_or_default(),
             sched,
             coalesce: self.coalesce.or(defaults.coalesce).unwrap_or(false),
             iommu_platform: self
@@ -278,6 +285,13 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Err
                     .filter(|n| *n <= 1_000_000)
                     .ok_or_else(|| usage(format!("--poll-us {v}: expected 0 to 1000000")))?;
                 g.poll = Some(Duration::from_micros(us));
+            }
+            "--poll-mode" => {
+                let v = value()?;
+                g.poll_mode = Some(
+                    v.parse::<PollMode>()
+                        .map_err(|e| usage(format!("--poll-mode {e}")))?,
+                );
             }
             "--weight" | "--reservation" | "--limit" => {
                 let v = value()?;

@@ -35,6 +35,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::iotlb::{RingIovas, VhostIotlb, VIRTIO_F_ACCESS_PLATFORM};
+use crate::poll::{thread_cpu_ns, PollMode, PollTuner};
 use crate::Error;
 
 /// Guest memory as the vhost-user frontend shares it.
@@ -127,6 +128,8 @@ struct QueueRun {
     timer: Option<TimerFd>,
     /// The deadline the timer is armed for.
     armed: Option<Instant>,
+    /// Whether (and how long) to poll after a batch.
+    tuner: PollTuner,
 }
 
 impl QueueRun {
@@ -244,6 +247,7 @@ impl BlkDevice {
                         handler: None,
                         timer,
                         armed: None,
+                        tuner: PollTuner::new(poll, PollMode::default()),
                     }),
                     wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
                     vring: OnceLock::new(),
@@ -269,6 +273,19 @@ impl BlkDevice {
         let view = dma_view(&self.0.mem, &iotlb);
         if let Some(inner) = Arc::get_mut(&mut self.0) {
             inner.iommu = Some((iotlb, GuestMemoryAtomic::new(view)));
+        }
+        self
+    }
+
+    /// How the queues decide to poll (default: [`PollMode::Adaptive`]); call
+    /// before the device is shared.
+    pub fn with_poll_mode(mut self, mode: PollMode) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            let window = inner.poll;
+            for q in &mut inner.queues {
+                q.run.get_mut().unwrap_or_else(|e| e.into_inner()).tuner =
+                    PollTuner::new(window, mode);
+            }
         }
         self
     }
@@ -335,21 +352,29 @@ impl BlkDevice {
     /// and watch the avail ring for up to the poll window, processing new
     /// requests without waiting for (or costing the driver) another kick.
     /// Notifications are turned back on only when the window passes idle.
-    fn poll<M: GuestMemory + Send + Sync + 'static>(&self, h: &mut QueueHandler<M>) {
-        if self.0.poll.is_zero() {
+    fn poll<M: GuestMemory + Send + Sync + 'static>(
+        h: &mut QueueHandler<M>,
+        tuner: &mut PollTuner,
+    ) {
+        let now = Instant::now();
+        if tuner.epoch_due(now) {
+            tuner.observe(now, thread_cpu_ns(), h.completions());
+        }
+        let window = tuner.window();
+        if window.is_zero() {
             h.process_queue();
             return;
         }
         h.disable_notification();
         h.set_polling(true);
         h.poll_queue();
-        let mut deadline = Instant::now() + self.0.poll;
+        let mut deadline = Instant::now() + window;
         let mut spins = 0u32;
         loop {
             if h.has_available() {
                 h.poll_queue();
                 spins = 0;
-                deadline = Instant::now() + self.0.poll;
+                deadline = Instant::now() + tuner.window();
                 continue;
             }
             spins = spins.wrapping_add(1);
@@ -357,17 +382,25 @@ impl BlkDevice {
                 if h.inflight() > 0 {
                     h.process_completions();
                 }
-                if h.coalesce_deadline().is_some_and(|d| Instant::now() >= d) {
+                let now = Instant::now();
+                if h.coalesce_deadline().is_some_and(|d| now >= d) {
                     h.flush_interrupts();
                 }
-                if Instant::now() >= deadline {
+                if tuner.epoch_due(now) {
+                    tuner.observe(now, thread_cpu_ns(), h.completions());
+                    if tuner.window().is_zero() {
+                        // Polling costs more than sleeping here: stop now.
+                        deadline = now;
+                    }
+                }
+                if now >= deadline {
                     // Re-arm the driver's kicks; if it posted meanwhile, go on polling.
                     if !h.enable_notification() {
                         h.set_polling(false);
                         return;
                     }
                     h.disable_notification();
-                    deadline = Instant::now() + self.0.poll;
+                    deadline = Instant::now() + tuner.window();
                 }
             }
             std::hint::spin_loop();
@@ -590,9 +623,10 @@ impl VhostUserBackend for BlkDevice {
             if run.handler.is_none() {
                 run.handler = self.start_queue(q, vring);
             }
+            let run = &mut *run;
             match run.handler.as_mut() {
-                Some(Running::Plain(h)) => self.poll(h),
-                Some(Running::Dma(h)) => self.poll(h),
+                Some(Running::Plain(h)) => Self::poll(h, &mut run.tuner),
+                Some(Running::Dma(h)) => Self::poll(h, &mut run.tuner),
                 None => {}
             }
         }

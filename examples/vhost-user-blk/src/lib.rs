@@ -49,6 +49,7 @@ pub mod daemon;
 pub mod device;
 pub mod disk;
 pub mod iotlb;
+pub mod poll;
 pub mod proxy;
 pub mod server;
 

@@ -134,7 +134,8 @@ pub fn serve(
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let iotlb = cfg.iommu_platform.then(|| Arc::new(VhostIotlb::default()));
-        let mut dev = BlkDevice::new(disk.clone(), blk_cfg.clone(), mem.clone(), cfg.poll)?;
+        let mut dev = BlkDevice::new(disk.clone(), blk_cfg.clone(), mem.clone(), cfg.poll)?
+            .with_poll_mode(cfg.poll_mode);
         if let Some(t) = &iotlb {
             dev = dev.with_iotlb(t.clone());
         }
