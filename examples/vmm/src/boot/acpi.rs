@@ -19,11 +19,28 @@
 //! sleep states, an MCFG (no ECAM). A kernel wanting the IOMMU needs
 //! `CONFIG_INTEL_IOMMU` (DMAR; `intel_iommu=on` unless it defaults on) or
 //! `CONFIG_VIRTIO_IOMMU` with ACPI VIOT support (`CONFIG_ACPI_VIOT`, 5.14+).
+//!
+//! The tables are built with the `acpi_tables` crate: its typed RSDP, XSDT and
+//! FADT, its AML builder for the DSDT, and its MADT interrupt-controller
+//! structures inside a generic [`Sdt`] (its typed MADT header cannot carry the
+//! `PCAT_COMPAT` flag).
 
+use acpi_tables::aml::{
+    self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Name, Path, ResourceTemplate,
+    Scope, IO,
+};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::byteorder::{LE, U32};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::BootError;
-use crate::layout::IOAPIC_START;
+use crate::layout::{IOAPIC_START, PCI_HOLE_START};
 
 /// Where the RSDP goes (16-byte aligned, inside the range Linux scans).
 pub const RSDP_ADDR: u64 = 0xE_0000;
@@ -34,167 +51,124 @@ const TABLES_END: u64 = 0xF_0000;
 /// Local APIC base every vCPU uses.
 const LAPIC_START: u32 = 0xFEE0_0000;
 /// OEM ID in every header.
-const OEM_ID: &[u8; 6] = b"IOVIRT";
+const OEM_ID: [u8; 6] = *b"IOVIRT";
+/// OEM revision in every header.
+const OEM_REVISION: u32 = 1;
+/// Highest vCPU count the MADT describes (8-bit APIC IDs; the IOAPIC takes the next).
+const MAX_CPUS: u8 = 254;
+/// DSDT revision (2: 64-bit AML integers).
+const DSDT_REVISION: u8 = 2;
+/// MADT revision written (ACPI 5.0 and later).
+const MADT_REVISION: u8 = 4;
+/// FADT minor version (the major is 6, from `FADTBuilder`): ACPI 6.0.
+const FADT_MINOR_VERSION: u8 = 0;
+/// FADT `IAPC_BOOT_ARCH`: an 8042 keyboard controller is present.
+const BOOT_ARCH_8042: u16 = 1 << 1;
+/// MADT flags: the platform also has dual 8259s (`PCAT_COMPAT`).
+const MADT_PCAT_COMPAT: u32 = 1;
+/// The FADT's hypervisor vendor identity.
+const HYPERVISOR_ID: [u8; 8] = *b"IOVIRTVM";
+/// Size of a table's standard header (an empty DSDT is only this).
+const HEADER_LEN: u32 = 36;
+/// Config-space ports (0xCF8-0xCFF) the host bridge consumes.
+const PCI_CONFIG_PORT: u16 = 0xCF8;
+/// Number of config-space ports.
+const PCI_CONFIG_PORTS: u8 = 8;
 
-/// Make the table's byte sum zero (checksum at offset 9).
-fn checksum(t: &mut [u8], at: usize) {
-    if let Some(c) = t.get_mut(at) {
-        *c = 0;
-    }
-    let sum = t.iter().fold(0u8, |a, b| a.wrapping_add(*b));
-    if let Some(c) = t.get_mut(at) {
-        *c = sum.wrapping_neg();
-    }
+/// The MADT fields between the standard header and the interrupt controller
+/// structures (ACPI 6.5, table 5.43).
+#[repr(C, packed)]
+#[derive(Clone, Copy, IntoBytes, Immutable, FromBytes)]
+struct MadtFields {
+    /// Physical address of every vCPU's local APIC.
+    local_apic_address: U32<LE>,
+    /// Multiple APIC flags (`PCAT_COMPAT`).
+    flags: U32<LE>,
 }
 
-/// A table with its 36-byte header; `finish` patches length and checksum.
-fn header(sig: &[u8; 4], revision: u8, table_id: &[u8; 8]) -> Vec<u8> {
-    let mut t = Vec::with_capacity(64);
-    t.extend_from_slice(sig);
-    t.extend_from_slice(&[0; 4]);
-    t.push(revision);
-    t.push(0);
-    t.extend_from_slice(OEM_ID);
-    t.extend_from_slice(table_id);
-    t.extend_from_slice(&1u32.to_le_bytes());
-    t.extend_from_slice(b"IOVR");
-    t.extend_from_slice(&1u32.to_le_bytes());
-    t
-}
-
-fn finish(mut t: Vec<u8>) -> Vec<u8> {
-    let len = u32::try_from(t.len()).unwrap_or(u32::MAX);
-    t[4..8].copy_from_slice(&len.to_le_bytes());
-    checksum(&mut t, 9);
-    t
-}
-
-/// FADT revision 6, hardware-reduced, pointing at `dsdt`.
-fn fadt(dsdt: u64) -> Vec<u8> {
-    const LEN: usize = 276;
-    const IAPC_BOOT_ARCH: usize = 109;
-    const FLAGS: usize = 112;
-    const MINOR: usize = 131;
-    const X_DSDT: usize = 140;
-    const HYPERVISOR_ID: usize = 268;
-    /// IAPC_BOOT_ARCH: an 8042 keyboard controller is present.
-    const BOOT_ARCH_8042: u16 = 1 << 1;
-    /// Flags: WBINVD works; hardware-reduced ACPI.
-    const FLAG_WBINVD: u32 = 1;
-    const FLAG_HW_REDUCED: u32 = 1 << 20;
-    let mut t = header(b"FACP", 6, b"IOVIRTFA");
-    t.resize(LEN, 0);
-    t[40..44].copy_from_slice(&u32::try_from(dsdt).unwrap_or(0).to_le_bytes());
-    t[IAPC_BOOT_ARCH..IAPC_BOOT_ARCH + 2].copy_from_slice(&BOOT_ARCH_8042.to_le_bytes());
-    t[FLAGS..FLAGS + 4].copy_from_slice(&(FLAG_WBINVD | FLAG_HW_REDUCED).to_le_bytes());
-    t[MINOR] = 0;
-    t[X_DSDT..X_DSDT + 8].copy_from_slice(&dsdt.to_le_bytes());
-    t[HYPERVISOR_ID..HYPERVISOR_ID + 8].copy_from_slice(b"IOVIRTVM");
-    finish(t)
-}
-
-/// MADT: `cpus` LAPICs (IDs 0..cpus) and the IOAPIC with ID `cpus`, GSI base 0.
-fn madt(cpus: u32) -> Vec<u8> {
-    const PCAT_COMPAT: u32 = 1;
-    let mut t = header(b"APIC", 4, b"IOVIRTAP");
-    t.extend_from_slice(&LAPIC_START.to_le_bytes());
-    t.extend_from_slice(&PCAT_COMPAT.to_le_bytes());
-    let cpus = u8::try_from(cpus.min(254)).unwrap_or(254);
-    for i in 0..cpus {
-        t.extend_from_slice(&[0, 8, i, i]); // processor local APIC: UID, APIC ID
-        t.extend_from_slice(&1u32.to_le_bytes()); // enabled
-    }
-    t.extend_from_slice(&[1, 12, cpus, 0]); // I/O APIC, ID
-    t.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
-    t.extend_from_slice(&0u32.to_le_bytes()); // GSI base
-    finish(t)
-}
-
-/// The RSDP (revision 2) pointing at `xsdt`.
-fn rsdp(xsdt: u64) -> Vec<u8> {
-    let mut r = Vec::with_capacity(36);
-    r.extend_from_slice(b"RSD PTR ");
-    r.push(0);
-    r.extend_from_slice(OEM_ID);
-    r.push(2);
-    r.extend_from_slice(&0u32.to_le_bytes()); // no RSDT
-    r.extend_from_slice(&36u32.to_le_bytes());
-    r.extend_from_slice(&xsdt.to_le_bytes());
-    r.extend_from_slice(&[0; 4]);
-    checksum(&mut r[..20], 8);
-    checksum(&mut r, 32);
-    r
-}
-
-/// An AML PkgLength for `body`, followed by `body` (one or two length bytes).
-fn pkg(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 2);
-    if body.len() + 1 < 0x40 {
-        out.push((body.len() + 1) as u8);
-    } else {
-        let total = body.len() + 2; // < 4096: the DSDT is small
-        out.push(0x40 | (total & 0xf) as u8);
-        out.push((total >> 4) as u8);
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-/// AML `Name(seg, Zero)`.
-fn name_zero(seg: &[u8; 4]) -> Vec<u8> {
-    let mut v = vec![0x08];
-    v.extend_from_slice(seg);
-    v.push(0x00);
+/// Serialise an `acpi_tables` object.
+fn bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
     v
 }
 
-/// A Word Address Space descriptor (bus or I/O window, producer, min/max fixed).
-fn word_space(kind: u8, specific: u8, min: u16, max: u16) -> Vec<u8> {
-    let mut d = vec![0x88, 0x0d, 0x00, kind, 0x0c, specific, 0, 0];
-    d.extend_from_slice(&min.to_le_bytes());
-    d.extend_from_slice(&max.to_le_bytes());
-    d.extend_from_slice(&0u16.to_le_bytes());
-    d.extend_from_slice(&(max.wrapping_sub(min).wrapping_add(1)).to_le_bytes());
-    d
+/// FADT revision 6, hardware-reduced, 8042 present, `X_DSDT` pointing at `dsdt`.
+fn fadt(dsdt: u64) -> Vec<u8> {
+    let mut f = FADTBuilder::new(OEM_ID, *b"IOVIRTFA", OEM_REVISION)
+        .dsdt_64(dsdt)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::HwReducedAcpi);
+    f.fadt_minor_version = FADT_MINOR_VERSION;
+    f.iapc_boot_arch = BOOT_ARCH_8042.into();
+    f.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_ID).into();
+    bytes(&f.finalize())
+}
+
+/// MADT: `cpus` LAPICs (IDs 0..cpus) and the IOAPIC with ID `cpus`, GSI base 0.
+///
+/// A generic [`Sdt`] because `acpi_tables::madt::MADT` always writes flags 0
+/// (no `PCAT_COMPAT`); the entries are the crate's typed structures.
+fn madt(cpus: u32) -> Vec<u8> {
+    let cpus = u8::try_from(cpus).map_or(MAX_CPUS, |c| c.min(MAX_CPUS));
+    let mut t = Sdt::new(
+        *b"APIC",
+        HEADER_LEN,
+        MADT_REVISION,
+        OEM_ID,
+        *b"IOVIRTAP",
+        OEM_REVISION,
+    );
+    t.append(MadtFields {
+        local_apic_address: LAPIC_START.into(),
+        flags: MADT_PCAT_COMPAT.into(),
+    });
+    let mut entries = Vec::new();
+    for i in 0..cpus {
+        ProcessorLocalApic::new(i, i, EnabledStatus::Enabled).to_aml_bytes(&mut entries);
+    }
+    IoApic::new(cpus, IOAPIC_START as u32, 0).to_aml_bytes(&mut entries);
+    t.append_slice(&entries);
+    bytes(&t)
 }
 
 /// AML for `Scope(\_SB) { Device(PCI0) { _HID PNP0A03, _SEG/_UID/_BBN 0, _CRS } }`.
 fn pci_host_bridge_aml() -> Vec<u8> {
-    let mut crs = Vec::new();
-    crs.extend(word_space(2, 0, 0, 0xff)); // bus numbers
-    crs.extend_from_slice(&[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]); // config ports
-    crs.extend(word_space(1, 0x03, 0, 0x0cf7));
-    crs.extend(word_space(1, 0x03, 0x0d00, 0xffff));
-    let (min, max) = (
-        crate::layout::PCI_HOLE_START as u32,
+    let bus = AddressSpace::<u16>::new_bus_number(0, 0xff);
+    let config = IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, PCI_CONFIG_PORTS);
+    let io_low = AddressSpace::<u16>::new_io(0, PCI_CONFIG_PORT - 1, None);
+    let io_high = AddressSpace::<u16>::new_io(0x0d00, 0xffff, None);
+    let mmio = AddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_HOLE_START as u32,
         IOAPIC_START as u32 - 1,
+        None,
     );
-    crs.extend_from_slice(&[0x87, 0x17, 0x00, 0, 0x0c, 0x01]); // memory, read-write
-    for v in [0, min, max, 0, max - min + 1] {
-        crs.extend_from_slice(&v.to_le_bytes());
+    let crs = ResourceTemplate::new(vec![&bus, &config, &io_low, &io_high, &mmio]);
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0A03"));
+    let seg = Name::new(Path::new("_SEG"), &aml::ZERO);
+    let uid = Name::new(Path::new("_UID"), &aml::ZERO);
+    let bbn = Name::new(Path::new("_BBN"), &aml::ZERO);
+    let crs = Name::new(Path::new("_CRS"), &crs);
+    let pci0 = Device::new(Path::new("PCI0"), vec![&hid, &seg, &uid, &bbn, &crs]);
+    bytes(&Scope::new(Path::new("\\_SB_"), vec![&pci0]))
+}
+
+/// The DSDT: a bare header, or the PCI host bridge when `pci_root`.
+fn dsdt(pci_root: bool) -> Vec<u8> {
+    let mut t = Sdt::new(
+        *b"DSDT",
+        HEADER_LEN,
+        DSDT_REVISION,
+        OEM_ID,
+        *b"IOVIRTDS",
+        OEM_REVISION,
+    );
+    if pci_root {
+        t.append_slice(&pci_host_bridge_aml());
     }
-    crs.extend_from_slice(&[0x79, 0x00]); // end tag
-    let mut buffer = vec![0x0a, u8::try_from(crs.len()).unwrap_or(u8::MAX)];
-    buffer.extend(crs);
-    let mut dev = b"PCI0".to_vec();
-    dev.push(0x08);
-    dev.extend_from_slice(b"_HID");
-    dev.push(0x0c);
-    dev.extend_from_slice(&0x030a_d041u32.to_le_bytes()); // EISAID("PNP0A03")
-    for n in [b"_SEG", b"_UID", b"_BBN"] {
-        dev.extend(name_zero(n));
-    }
-    dev.push(0x08);
-    dev.extend_from_slice(b"_CRS");
-    dev.push(0x11); // Buffer
-    dev.extend(pkg(&buffer));
-    let mut device = vec![0x5b, 0x82];
-    device.extend(pkg(&dev));
-    let mut scope_body = b"\\_SB_".to_vec();
-    scope_body.extend(device);
-    let mut scope = vec![0x10];
-    scope.extend(pkg(&scope_body));
-    scope
+    bytes(&t)
 }
 
 /// Lay out every table from `TABLES_ADDR`: (address, bytes) pairs, RSDP first.
@@ -211,21 +185,17 @@ fn layout(cpus: u32, extra: &[Vec<u8>], pci_root: bool) -> Result<Vec<(u64, Vec<
         out.push((here, t));
         Ok(here)
     };
-    let mut dsdt = header(b"DSDT", 2, b"IOVIRTDS");
-    if pci_root {
-        dsdt.extend(pci_host_bridge_aml());
-    }
-    let dsdt = place(finish(dsdt), &mut out)?;
+    let dsdt = place(dsdt(pci_root), &mut out)?;
     let mut listed = vec![place(fadt(dsdt), &mut out)?, place(madt(cpus), &mut out)?];
     for t in extra {
         listed.push(place(t.clone(), &mut out)?);
     }
-    let mut xsdt = header(b"XSDT", 1, b"IOVIRTXS");
-    for a in &listed {
-        xsdt.extend_from_slice(&a.to_le_bytes());
+    let mut xsdt = XSDT::new(OEM_ID, *b"IOVIRTXS", OEM_REVISION);
+    for a in listed {
+        xsdt.add_entry(a);
     }
-    let xsdt_addr = place(finish(xsdt), &mut out)?;
-    out.insert(0, (RSDP_ADDR, rsdp(xsdt_addr)));
+    let xsdt_addr = place(bytes(&xsdt), &mut out)?;
+    out.insert(0, (RSDP_ADDR, bytes(&Rsdp::new(OEM_ID, xsdt_addr))));
     Ok(out)
 }
 
@@ -255,7 +225,9 @@ mod tests {
 
     #[test]
     fn rsdp_xsdt_and_tables_are_consistent() {
-        let extra = vec![finish(header(b"DMAR", 1, b"TESTTEST"))];
+        let extra = vec![Sdt::new(*b"DMAR", HEADER_LEN, 1, OEM_ID, *b"TESTTEST", 1)
+            .as_slice()
+            .to_vec()];
         let tables = layout(2, &extra, false).unwrap();
         let find = |addr: u64| tables.iter().find(|(a, _)| *a == addr).map(|(_, t)| t);
         let (addr, rsdp) = &tables[0];
@@ -289,10 +261,49 @@ mod tests {
         // MADT: 2 LAPICs + IOAPIC with ID 2.
         let madt = find(u64::from_le_bytes(xsdt[44..52].try_into().unwrap())).unwrap();
         assert_eq!(madt.len(), 44 + 8 * 2 + 12);
+        assert_eq!(
+            &madt[36..44],
+            MadtFields {
+                local_apic_address: LAPIC_START.into(),
+                flags: MADT_PCAT_COMPAT.into(),
+            }
+            .as_bytes()
+        );
+        assert_eq!(&madt[44..48], &[0, 8, 0, 0]);
+        assert_eq!(&madt[52..56], &[0, 8, 1, 1]);
         assert_eq!(&madt[60..63], &[1, 12, 2]);
+        assert_eq!(
+            u32::from_le_bytes(madt[64..68].try_into().unwrap()) as u64,
+            IOAPIC_START
+        );
+        // FADT: 6.0 layout, 8042 present, X_DSDT only.
+        assert_eq!(fadt.len(), 276);
+        assert_eq!(fadt[8], 6);
+        assert_eq!(&fadt[109..111], &BOOT_ARCH_8042.to_le_bytes());
+        assert_eq!(&fadt[40..44], &[0; 4]);
         for (a, t) in &tables {
             assert!(*a >= RSDP_ADDR && a + t.len() as u64 <= TABLES_END);
         }
+    }
+
+    #[test]
+    fn madt_lists_one_lapic_per_vcpu_up_to_254() {
+        // Walk the structures by their length bytes, counting local APICs.
+        let entries = |t: &[u8]| {
+            let (mut at, mut n) = (44, 0);
+            while at < t.len() {
+                n += usize::from(t[at] == 0);
+                at += usize::from(t[at + 1]);
+            }
+            assert_eq!(at, t.len());
+            n
+        };
+        assert_eq!(entries(&madt(1)), 1);
+        assert_eq!(entries(&madt(8)), 8);
+        let big = madt(300);
+        assert_eq!(sum(&big), 0);
+        assert_eq!(big.len(), 44 + 8 * 254 + 12);
+        assert_eq!(&big[big.len() - 12..big.len() - 9], &[1, 12, 254]);
     }
 
     #[test]
