@@ -67,10 +67,24 @@ struct Frontend {
 
 impl Frontend {
     fn connect(socket: &Path) -> Frontend {
-        let mut b = Blkio::new("virtio-blk-vhost-user").expect("driver");
-        b.set_str("path", socket.to_str().expect("utf-8 path"))
-            .expect("path");
-        b.connect().expect("connect");
+        // The socket file exists from bind() on, a moment before listen(), and
+        // the daemon accepts the next frontend only once the previous one's
+        // device is dropped: on a loaded machine a first connect can be
+        // refused, so it is retried for up to 5 s.
+        let t = Instant::now();
+        let mut b = loop {
+            let mut b = Blkio::new("virtio-blk-vhost-user").expect("driver");
+            b.set_str("path", socket.to_str().expect("utf-8 path"))
+                .expect("path");
+            match b.connect() {
+                Ok(()) => break b,
+                Err(e) if t.elapsed() < Duration::from_secs(5) => {
+                    eprintln!("connect: {e}; again");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        };
         b.set_i32("num-queues", 1).expect("num-queues");
         let mut started = b.start().expect("start");
         let q = started.queues.pop().expect("a queue");
