@@ -50,23 +50,15 @@ while (($#)); do
 	shift
 done
 
-die() { echo "filter-cost.sh: $*" >&2 && exit 1; }
+# shellcheck source=SCRIPTDIR/lib/bench.sh
+source "$REPO_DIR/scripts/lib/bench.sh"
 command -v taskset >/dev/null || die "taskset (util-linux) is not installed"
 command -v python3 >/dev/null || die "python3 is needed for the table"
 if ! [[ $SIZE_MIB =~ ^[0-9]+$ ]] || ((SIZE_MIB < 16 || SIZE_MIB % 2 != 0)); then
 	die "--size $SIZE_MIB: expected an even number of MiB, at least 16"
 fi
 
-TARGET=${CARGO_TARGET_DIR:-$REPO_DIR/target}
-if ((BUILD)); then
-	flag=--release
-	[[ $PROFILE == debug ]] && flag=
-	# shellcheck disable=SC2086 # an empty $flag is no argument
-	(cd "$REPO_DIR" && cargo build $flag -q -p iovirt-vhost-user-blk) || die "cargo build failed"
-fi
-DAEMON=$TARGET/$PROFILE/iovirt-vhost-user-blk
-LOADGEN=$TARGET/$PROFILE/iovirt-blk-loadgen
-[[ -x $DAEMON && -x $LOADGEN ]] || die "no $PROFILE binaries in $TARGET/$PROFILE (set CARGO_TARGET_DIR)"
+bench_binaries "$PROFILE" "$BUILD"
 
 OUT=${OUT:-$(mktemp -d /tmp/filter-cost.XXXXXX)}
 mkdir -p "$OUT"
@@ -76,10 +68,7 @@ SOCK=$OUT/vhost.sock
 PID=
 
 cleanup() {
-	if [[ -n $PID ]]; then
-		kill "$PID" 2>/dev/null || true
-		wait "$PID" 2>/dev/null || true
-	fi
+	stop_daemon
 	rm -rf "$DATA"
 	rm -f "$SOCK"
 }
@@ -140,16 +129,6 @@ cache = "writeback"'
 	esac >"$DATA/$s.toml"
 }
 
-wait_socket() {
-	local _
-	for _ in $(seq 200); do
-		[[ -S $SOCK ]] && return 0
-		kill -0 "$PID" 2>/dev/null || die "daemon exited early; see $1"
-		sleep 0.05
-	done
-	die "daemon did not create $SOCK; see $1"
-}
-
 for s in $STACKS; do
 	make_stack "$s"
 	rm -f "$SOCK"
@@ -157,14 +136,12 @@ for s in $STACKS; do
 	RUST_LOG=warn taskset -c "$DAEMON_CPU" "$DAEMON" --socket "$SOCK" --disk "stack=$DATA/$s.toml" \
 		>"$log" 2>&1 &
 	PID=$!
-	wait_socket "$log"
+	wait_sockets "$log" "$SOCK"
 	echo "filter-cost.sh: $s" >&2
 	taskset -c "$LOADGEN_CPU" "$LOADGEN" --socket "$SOCK" --duration "$DURATION" --depths 1,32 \
 		--ops randread,randwrite --label "$s" --json "$OUT/$s.json" --cpu-pid "$PID" >"$OUT/$s.txt" ||
 		die "load generator failed on $s; see $OUT/$s.txt and $log"
-	kill "$PID" 2>/dev/null || true
-	wait "$PID" 2>/dev/null || true
-	PID=
+	stop_daemon
 done
 
 # shellcheck disable=SC2086 # one argument per stack

@@ -43,18 +43,13 @@ while (($#)); do
 	shift
 done
 
-die() { echo "compare.sh: $*" >&2 && exit 1; }
+# shellcheck source=SCRIPTDIR/../../../scripts/lib/bench.sh
+source "$REPO_DIR/scripts/lib/bench.sh"
 command -v qemu-storage-daemon >/dev/null || die "qemu-storage-daemon is not installed"
 command -v taskset >/dev/null || die "taskset (util-linux) is not installed"
 command -v python3 >/dev/null || die "python3 is needed for the table"
 
-TARGET=${CARGO_TARGET_DIR:-$REPO_DIR/target}
-if ((BUILD)); then
-	(cd "$REPO_DIR" && cargo build --release -q -p iovirt-vhost-user-blk) || die "cargo build failed"
-fi
-DAEMON=$TARGET/release/iovirt-vhost-user-blk
-LOADGEN=$TARGET/release/iovirt-blk-loadgen
-[[ -x $DAEMON && -x $LOADGEN ]] || die "no release binaries in $TARGET/release (set CARGO_TARGET_DIR)"
+bench_binaries release "$BUILD"
 
 OUT=${OUT:-$(mktemp -d /tmp/vhost-compare.XXXXXX)}
 mkdir -p "$OUT"
@@ -64,23 +59,10 @@ SOCK=$OUT/vhost.sock
 PID=
 
 cleanup() {
-	if [[ -n $PID ]]; then
-		kill "$PID" 2>/dev/null || true
-		wait "$PID" 2>/dev/null || true
-	fi
+	stop_daemon
 	rm -f "$IMG" "$SOCK"
 }
 trap cleanup EXIT
-
-wait_socket() {
-	local i
-	for i in $(seq 200); do
-		[[ -S $SOCK ]] && return 0
-		kill -0 "$PID" 2>/dev/null || die "daemon exited early; see $1"
-		sleep 0.05
-	done
-	die "daemon did not create $SOCK; see $1"
-}
 
 # run NAME BACKEND -- DAEMON ARGS...: start the pinned daemon, run the load, stop the daemon.
 run() {
@@ -89,12 +71,11 @@ run() {
 	rm -f "$SOCK"
 	taskset -c "$DAEMON_CPU" "$@" >"$OUT/$name-$backend.log" 2>&1 &
 	PID=$!
-	wait_socket "$OUT/$name-$backend.log"
+	wait_sockets "$OUT/$name-$backend.log" "$SOCK"
 	taskset -c "$LOADGEN_CPU" "$LOADGEN" --socket "$SOCK" --duration "$DURATION" --depths 1,32 \
 		--ops randread,randwrite --label "$name-$backend" --json "$OUT/$name-$backend-$ROUND.json" \
 		--cpu-pid "$PID" >&2
-	kill "$PID" && wait "$PID" 2>/dev/null || true
-	PID=
+	stop_daemon
 }
 
 for backend in $BACKENDS; do

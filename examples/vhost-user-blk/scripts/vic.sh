@@ -43,17 +43,12 @@ while (($#)); do
 	shift
 done
 
-die() { echo "vic.sh: $*" >&2 && exit 1; }
+# shellcheck source=SCRIPTDIR/../../../scripts/lib/bench.sh
+source "$REPO_DIR/scripts/lib/bench.sh"
 command -v taskset >/dev/null || die "taskset (util-linux) is not installed"
 command -v python3 >/dev/null || die "python3 is needed for the table"
 
-TARGET=${CARGO_TARGET_DIR:-$REPO_DIR/target}
-if ((BUILD)); then
-	(cd "$REPO_DIR" && cargo build --release -q -p iovirt-vhost-user-blk) || die "cargo build failed"
-fi
-DAEMON=$TARGET/release/iovirt-vhost-user-blk
-LOADGEN=$TARGET/release/iovirt-blk-loadgen
-[[ -x $DAEMON && -x $LOADGEN ]] || die "no release binaries in $TARGET/release (set CARGO_TARGET_DIR)"
+bench_binaries release "$BUILD"
 
 OUT=${OUT:-$(mktemp -d /tmp/vhost-vic.XXXXXX)}
 mkdir -p "$OUT"
@@ -64,10 +59,7 @@ CTL=$OUT/control.sock
 PID=
 
 cleanup() {
-	if [[ -n $PID ]]; then
-		kill "$PID" 2>/dev/null || true
-		wait "$PID" 2>/dev/null || true
-	fi
+	stop_daemon
 	rm -f "$IMG" "$SOCK" "$CTL"
 }
 trap cleanup EXIT
@@ -97,19 +89,11 @@ run() {
 	taskset -c "$DAEMON_CPU" "$DAEMON" --control "$CTL" --export vic --socket "$SOCK" \
 		--disk "$(disk_of "$backend")" --coalesce "$co" >"$log" 2>&1 &
 	PID=$!
-	local _
-	for _ in $(seq 200); do
-		[[ -S $SOCK && -S $CTL ]] && break
-		kill -0 "$PID" 2>/dev/null || die "daemon exited early; see $log"
-		sleep 0.05
-	done
-	[[ -S $SOCK ]] || die "daemon did not create $SOCK; see $log"
+	wait_sockets "$log" "$SOCK" "$CTL"
 	taskset -c "$LOADGEN_CPU" "$LOADGEN" --socket "$SOCK" --duration "$DURATION" --depths "$DEPTHS" \
 		--ops randread --label "$backend-$co" --json "$OUT/$backend-$co-$ROUND.json" \
 		--cpu-pid "$PID" --control "$CTL" --export vic >&2
-	kill "$PID" 2>/dev/null || true
-	wait "$PID" 2>/dev/null || true
-	PID=
+	stop_daemon
 }
 
 for backend in $BACKENDS; do
