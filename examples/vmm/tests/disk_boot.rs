@@ -4,14 +4,11 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
-use common::{assemble, pattern_image, pattern_word, run_to_exit, seabios_ready, skip, TempDir};
-
-const IMAGE_SIZE: usize = 4 << 20;
-const TIMEOUT: Duration = Duration::from_secs(90);
-/// Sectors the read-write boot sector writes (the inverted pattern).
-const WRITTEN: std::ops::Range<usize> = 16..24;
+use common::{
+    assemble, boot_pattern_disk, check_image, run_to_exit, seabios_ready, skip, TempDir,
+    BOOT_TIMEOUT, WRITTEN,
+};
 
 /// Boot `disk_opts` (appended to `path=IMAGE,`) with the boot sector variant
 /// `defines`; returns the debug log and the image afterwards.
@@ -27,50 +24,8 @@ fn boot_disk_with(
     defines: &[&str],
     disk_for: impl Fn(&std::path::Path, &TempDir) -> String,
 ) -> Option<(String, Vec<u8>, Vec<u8>)> {
-    let fw = seabios_ready(test)?;
-    let dir = TempDir::in_target(test);
-    let boot = assemble(test, defines, &dir.path("boot.bin"))?;
-    let img = dir.path("disk.img");
-    pattern_image(&img, IMAGE_SIZE, &boot);
-    let log = dir.path("debugcon.log");
-    let disk = disk_for(&img, &dir);
-    let debugcon = format!("file={}", log.display());
-    let started = std::time::Instant::now();
-    let (ok, text) = run_to_exit(
-        &[
-            "--firmware",
-            &fw,
-            "--serial",
-            "null",
-            "--debugcon",
-            &debugcon,
-            "--disk",
-            &disk,
-        ],
-        &log,
-        TIMEOUT,
-    );
-    eprintln!(
-        "{test}: guest done in {:.2} s",
-        started.elapsed().as_secs_f64()
-    );
-    assert!(ok, "iovirt-vmm did not exit 0; log:\n{text}");
-    Some((text, std::fs::read(&img).expect("read image"), boot))
-}
-
-/// Check every word of the image: the boot sector in sector 0, the inverted
-/// pattern in `inverted` sectors, the pattern elsewhere.
-fn check_image(img: &[u8], boot: &[u8], inverted: std::ops::Range<usize>) {
-    assert_eq!(&img[..512], boot);
-    for (i, w) in img.chunks_exact(2).enumerate().skip(256) {
-        let got = u16::from_le_bytes([w[0], w[1]]);
-        let want = if inverted.contains(&(i / 256)) {
-            !pattern_word(i)
-        } else {
-            pattern_word(i)
-        };
-        assert_eq!(got, want, "word {i} (sector {})", i / 256);
-    }
+    boot_pattern_disk(test, defines, disk_for, |_| Vec::new())
+        .map(|(log, img, boot, _dir)| (log, img, boot))
 }
 
 fn check_log(log: &str, found: &str, booting: &str) {
@@ -261,7 +216,7 @@ fn cdrom_el_torito_boot_reads_through_atapi() {
             &iso.to_string_lossy(),
         ],
         &log,
-        TIMEOUT,
+        BOOT_TIMEOUT,
     );
     assert!(ok, "iovirt-vmm did not exit 0; log:\n{text}");
     check_log(&text, "DVD/CD [ata1-0:", "Booting from DVD/CD");

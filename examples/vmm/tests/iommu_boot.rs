@@ -5,68 +5,32 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    assemble, guest_dir, kvm_available, pattern_image, pattern_word, run_to_exit, seabios_ready,
-    skip, TempDir, Vmm,
+    boot_pattern_disk, check_image, guest_dir, kvm_available, skip, TempDir, Vmm, WRITTEN,
 };
 use serde_json::Value;
-
-const IMAGE_SIZE: usize = 4 << 20;
-const TIMEOUT: Duration = Duration::from_secs(90);
-/// Sectors the read-write boot sector writes (the inverted pattern).
-const WRITTEN: std::ops::Range<usize> = 16..24;
 
 /// Boot SeaBIOS with one disk (`disk_opts` appended to `path=IMAGE,`) behind
 /// `--iommu iommu`; check the boot sector ran, the image and the trap-stats
 /// file's `iommu` section (`endpoint` listed, no faults). Returns the debug log.
 fn boot_behind(test: &str, iommu: &str, disk_opts: &str, endpoint: &str) -> Option<String> {
-    let fw = seabios_ready(test)?;
-    let dir = TempDir::in_target(test);
-    let boot = assemble(test, &[], &dir.path("boot.bin"))?;
-    let img = dir.path("disk.img");
-    pattern_image(&img, IMAGE_SIZE, &boot);
-    let log = dir.path("debugcon.log");
+    let (text, img, boot, dir) = boot_pattern_disk(
+        test,
+        &[],
+        |img, _| format!("path={},{disk_opts}", img.display()),
+        |dir| {
+            vec![
+                "--iommu".to_string(),
+                iommu.to_string(),
+                "--trap-stats".to_string(),
+                dir.path("stats.json").to_string_lossy().into_owned(),
+            ]
+        },
+    )?;
     let stats = dir.path("stats.json");
-    let disk = format!("path={},{disk_opts}", img.display());
-    let debugcon = format!("file={}", log.display());
-    let stats_arg = stats.to_string_lossy().into_owned();
-    let started = std::time::Instant::now();
-    let (ok, text) = run_to_exit(
-        &[
-            "--firmware",
-            &fw,
-            "--serial",
-            "null",
-            "--debugcon",
-            &debugcon,
-            "--disk",
-            &disk,
-            "--iommu",
-            iommu,
-            "--trap-stats",
-            &stats_arg,
-        ],
-        &log,
-        TIMEOUT,
-    );
-    eprintln!(
-        "{test}: guest done in {:.2} s",
-        started.elapsed().as_secs_f64()
-    );
-    assert!(ok, "iovirt-vmm did not exit 0; log:\n{text}");
     assert!(text.contains("BOOT-OK"), "no BOOT-OK in log:\n{text}");
     assert!(!text.contains("BOOT-FAIL"), "{text}");
     // The boot sector wrote the inverted pattern in WRITTEN through the device's DMA.
-    let img = std::fs::read(&img).expect("read image");
-    assert_eq!(&img[..512], &boot[..]);
-    for (i, w) in img.chunks_exact(2).enumerate().skip(256) {
-        let got = u16::from_le_bytes([w[0], w[1]]);
-        let want = if WRITTEN.contains(&(i / 256)) {
-            !pattern_word(i)
-        } else {
-            pattern_word(i)
-        };
-        assert_eq!(got, want, "word {i} (sector {})", i / 256);
-    }
+    check_image(&img, &boot, WRITTEN);
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(&stats).expect("stats")).expect("stats JSON");
     let io = &json["iommu"];

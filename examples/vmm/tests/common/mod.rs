@@ -211,3 +211,67 @@ pub fn run_to_exit(args: &[&str], log: &Path, timeout: Duration) -> (bool, Strin
         None => panic!("iovirt-vmm did not exit within {timeout:?}; log:\n{text}"),
     }
 }
+
+/// Size of the pattern disks the boot-sector tests use.
+pub const BOOT_IMAGE_SIZE: usize = 4 << 20;
+/// How long a SeaBIOS boot-sector run may take.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Sectors the read-write boot sector writes (the inverted pattern).
+pub const WRITTEN: std::ops::Range<usize> = 16..24;
+
+/// Boot SeaBIOS from a pattern disk carrying the boot sector variant
+/// `defines`, the `--disk` value made by `disk_for(image, dir)`, with `extra`
+/// VMM arguments (made by `extra_for(dir)`); asserts the VMM exited 0 and
+/// returns the debug log, the image afterwards, the boot sector and the test
+/// directory (kept until the caller has read what else the run wrote there).
+pub fn boot_pattern_disk(
+    test: &str,
+    defines: &[&str],
+    disk_for: impl Fn(&Path, &TempDir) -> String,
+    extra_for: impl Fn(&TempDir) -> Vec<String>,
+) -> Option<(String, Vec<u8>, Vec<u8>, TempDir)> {
+    let fw = seabios_ready(test)?;
+    let dir = TempDir::in_target(test);
+    let boot = assemble(test, defines, &dir.path("boot.bin"))?;
+    let img = dir.path("disk.img");
+    pattern_image(&img, BOOT_IMAGE_SIZE, &boot);
+    let log = dir.path("debugcon.log");
+    let disk = disk_for(&img, &dir);
+    let debugcon = format!("file={}", log.display());
+    let extra = extra_for(&dir);
+    let mut args = vec![
+        "--firmware",
+        &fw,
+        "--serial",
+        "null",
+        "--debugcon",
+        &debugcon,
+        "--disk",
+        &disk,
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    let started = Instant::now();
+    let (ok, text) = run_to_exit(&args, &log, BOOT_TIMEOUT);
+    eprintln!(
+        "{test}: guest done in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(ok, "iovirt-vmm did not exit 0; log:\n{text}");
+    let img = std::fs::read(&img).expect("read image");
+    Some((text, img, boot, dir))
+}
+
+/// Check every word of a pattern image: the boot sector in sector 0, the
+/// inverted pattern in `inverted` sectors, the pattern elsewhere.
+pub fn check_image(img: &[u8], boot: &[u8], inverted: std::ops::Range<usize>) {
+    assert_eq!(&img[..512], boot);
+    for (i, w) in img.chunks_exact(2).enumerate().skip(256) {
+        let got = u16::from_le_bytes([w[0], w[1]]);
+        let want = if inverted.contains(&(i / 256)) {
+            !pattern_word(i)
+        } else {
+            pattern_word(i)
+        };
+        assert_eq!(got, want, "word {i} (sector {})", i / 256);
+    }
+}
