@@ -37,6 +37,10 @@ pub const DEFAULT_MISS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Most entries kept; a frontend sending more loses the oldest-keyed ones (they miss again).
 const MAX_ENTRIES: usize = 1 << 16;
+/// Most memory regions a frontend may add (vhost-user's own slot limit).
+pub const MAX_REGIONS: usize = 509;
+/// Queues the daemon can have (`--queues` is at most 64).
+pub const MAX_QUEUES: u32 = 64;
 /// Refused DMAs logged individually; after that one line per this many.
 const LOG_EVERY: u64 = 1000;
 
@@ -245,13 +249,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn denied(access: Access) -> FaultReason {
-    match access {
-        Access::Read => FaultReason::ReadDenied,
-        Access::Write => FaultReason::WriteDenied,
-    }
-}
-
 impl Default for VhostIotlb {
     fn default() -> Self {
         Self::new(DEFAULT_MISS_TIMEOUT)
@@ -345,11 +342,18 @@ impl VhostIotlb {
     }
 
     /// Add one region (ADD_MEM_REG).
+    /// A region already present (same guest address and size) is replaced;
+    /// beyond [`MAX_REGIONS`] the region is ignored with a log line.
     pub fn add_region(&self, r: MemRegion) {
-        self.regions
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(r);
+        {
+            let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
+            regions.retain(|o| !(o.gpa == r.gpa && o.size == r.size));
+            if regions.len() >= MAX_REGIONS {
+                log::warn!("IOTLB: more than {MAX_REGIONS} memory regions; {r:x?} ignored");
+                return;
+            }
+            regions.push(r);
+        }
         self.bump();
     }
 
@@ -371,8 +375,11 @@ impl VhostIotlb {
     }
 
     /// Remember queue `index`'s ring addresses (IOVAs).
+    /// Indices past [`MAX_QUEUES`] are ignored (no device has them).
     pub fn set_ring(&self, index: u32, rings: RingIovas) {
-        lock(&self.rings).insert(index, rings);
+        if index < MAX_QUEUES {
+            lock(&self.rings).insert(index, rings);
+        }
     }
 
     /// Queue `index`'s ring addresses, if the frontend set them.
@@ -391,8 +398,25 @@ impl VhostIotlb {
     }
 
     /// The backend channel (SET_BACKEND_REQ_FD) on which misses are sent.
+    /// Misses are written with a timeout (the miss timeout): a frontend
+    /// that stops reading the channel fails misses, it cannot block the
+    /// queues (or [`close`](Self::close)) behind a full socket.
     pub fn set_backend_channel(&self, sock: UnixStream) {
+        if let Err(e) =
+            sock.set_write_timeout(Some(self.miss_timeout.max(Duration::from_millis(1))))
+        {
+            log::warn!("IOTLB: cannot set a write timeout on the backend channel: {e}");
+        }
         *lock(&self.channel) = Some(sock);
+    }
+
+    /// Whether an entry covers `iova` (whatever its permissions).
+    fn covers(&self, iova: u64) -> bool {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries
+            .range(..=iova)
+            .next_back()
+            .is_some_and(|(k, e)| iova - k < e.size)
     }
 
     /// The connection is gone: no more misses; waiting queues give up.
@@ -478,15 +502,21 @@ impl Translator for VhostIotlb {
     ) -> Result<Mapping, FaultReason> {
         let (start, e) = {
             let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-            let (k, e) = entries.range(..=iova).next_back().ok_or(denied(access))?;
+            let (k, e) = entries
+                .range(..=iova)
+                .next_back()
+                .ok_or(FaultReason::denied(access))?;
             (*k, *e)
         };
         let off = iova - start;
         if off >= e.size || !e.perm.contains(access.perm()) {
-            return Err(denied(access));
+            return Err(FaultReason::denied(access));
         }
-        let uaddr = e.uaddr.checked_add(off).ok_or(denied(access))?;
-        let (gpa, region) = self.region_of(uaddr).ok_or(denied(access))?;
+        let uaddr = e
+            .uaddr
+            .checked_add(off)
+            .ok_or(FaultReason::denied(access))?;
+        let (gpa, region) = self.region_of(uaddr).ok_or(FaultReason::denied(access))?;
         let entry_end = start.saturating_add(e.size);
         let region_end = region.uaddr.saturating_add(region.size);
         // The largest page around `iova` that the entry and the region cover whole.
@@ -496,7 +526,10 @@ impl Translator for VhostIotlb {
                 continue;
             }
             let page_iova = iova & !mask;
-            let page_uaddr = uaddr - (iova & mask);
+            // The frontend chose `uaddr`: it may be below the page's offset.
+            let Some(page_uaddr) = uaddr.checked_sub(iova & mask) else {
+                continue;
+            };
             if page_iova >= start
                 && page_iova.saturating_add(size.bytes()) <= entry_end
                 && page_uaddr >= region.uaddr
@@ -510,7 +543,7 @@ impl Translator for VhostIotlb {
                 });
             }
         }
-        Err(denied(access))
+        Err(FaultReason::denied(access))
     }
 
     fn report_fault(&self, fault: Fault) {
@@ -538,6 +571,11 @@ impl DmaFaultHook for VhostIotlb {
         // Another queue's miss may have brought the entry meanwhile.
         if self.translate(fault.rid, fault.iova, fault.access).is_ok() {
             return HookAction::Retry;
+        }
+        // Mapped, but not for this access (a device write to a read-only
+        // page): a miss would only bring the same entry back; fail at once.
+        if self.covers(fault.iova) {
+            return HookAction::Fail;
         }
         if !self.send_miss(page, fault.access) {
             return HookAction::Fail;
@@ -609,6 +647,51 @@ mod tests {
             (inv.kind, inv.perm),
             (IotlbMsgType::Invalidate, Perms::empty())
         );
+    }
+
+    #[test]
+    fn hostile_addresses_regions_and_rings_are_refused_not_panicked() {
+        // A region at user address 0 and an entry whose offsets line up at the
+        // 1 GiB page size: the page's user address would be below zero.
+        let t = VhostIotlb::new(Duration::from_millis(10));
+        t.set_regions(vec![MemRegion {
+            gpa: 0x3000_0000,
+            size: 1 << 31,
+            uaddr: 0,
+        }]);
+        t.update(0x3000_0000, 0x1000, 0, Perms::READ).unwrap();
+        let m = t.translate(RID, 0x3000_0010, Access::Read).unwrap();
+        assert_eq!((m.gpa, m.size), (0x3000_0000, PageSize::Size4K));
+        // Regions are capped and deduplicated; ring indices past any queue ignored.
+        for i in 0..(MAX_REGIONS as u64 + 10) {
+            let r = MemRegion {
+                gpa: i << 20,
+                size: 1 << 20,
+                uaddr: i << 20,
+            };
+            t.add_region(r);
+            t.add_region(r);
+        }
+        assert_eq!(t.regions.read().unwrap().len(), MAX_REGIONS);
+        let rings = RingIovas {
+            desc: 0,
+            avail: 0,
+            used: 0,
+        };
+        t.set_ring(u32::MAX, rings);
+        assert_eq!(t.ring(u32::MAX), None);
+        // Mapped read-only, written: fails at once, without a miss.
+        assert_eq!(
+            t.on_fault(&DmaFault {
+                rid: RID,
+                iova: 0x3000_0010,
+                len: 4,
+                access: Access::Write,
+                kind: DmaFaultKind::Translation(FaultReason::WriteDenied),
+            }),
+            HookAction::Fail
+        );
+        assert_eq!(t.misses.load(Ordering::Relaxed), 0);
     }
 
     #[test]

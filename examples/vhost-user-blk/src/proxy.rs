@@ -88,6 +88,14 @@ fn le64(b: &[u8], at: usize) -> Option<u64> {
 
 /// `recvmsg` into `buf`, collecting SCM_RIGHTS descriptors into `fds`.
 fn recv_with_fds(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    // A message may arrive in many short reads, each with its own batch of
+    // descriptors: the cap is on the message, checked as they come, so a
+    // frontend cannot pile up descriptors until the daemon runs out.
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::other(format!(
+            "more than {MAX_FDS} file descriptors in one message"
+        )));
+    }
     let mut cmsg = [0u64; (MAX_FDS * 4 + 64) / 8];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -361,7 +369,8 @@ fn frontend_to_daemon(
             IOTLB_MSG => {
                 let res = IotlbMsg::parse(&m.payload).and_then(|msg| iotlb.handle_msg(&msg));
                 if let Err(e) = &res {
-                    log::warn!("frontend IOTLB message refused: {e}");
+                    // The frontend chooses how often: not a warning per message.
+                    log::debug!("frontend IOTLB message refused: {e}");
                 }
                 if m.flags() & FLAG_NEED_REPLY != 0 {
                     let mut hdr = [0u8; HDR_LEN];
