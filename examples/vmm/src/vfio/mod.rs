@@ -475,10 +475,18 @@ impl<O: VfioOps> VfioPciDevice<O> {
                 log::warn!("VFIO: cannot disable MSI-X: {e}");
             }
         }
+        // One line per control write, not one per vector: the guest picks how
+        // often it writes, and a device may have 2048 vectors.
+        let mut failed = None;
+        let mut failures = 0usize;
         for v in &cap.vectors {
             if let Err(e) = self.routes.set_msi_route(&v.fd, Self::msix_route(cap, v)) {
-                log::warn!("VFIO: MSI-X route: {e}");
+                failures += 1;
+                failed.get_or_insert(e);
             }
+        }
+        if let Some(e) = failed {
+            log::warn!("VFIO: {failures} MSI-X route(s) not set: {e}");
         }
         if was && !now && !self.msi_or_msix_on() {
             self.set_intx(true);
@@ -489,13 +497,15 @@ impl<O: VfioOps> VfioPciDevice<O> {
         if self.intx_routed || self.intx.is_none() {
             return;
         }
-        self.intx_routed = true;
         if let Some((trigger, resample)) = &self.intx {
+            // Not routable yet (e.g. the PIRQ is programmed after decoding is
+            // turned on): tried again at the next configuration write.
             if let Err(e) = self.routes.route_intx(trigger, resample) {
-                log::warn!("VFIO: INTx cannot be routed ({e}); the device's INTx is lost");
+                log::debug!("VFIO: INTx not routed yet: {e}");
                 return;
             }
         }
+        self.intx_routed = true;
         if !self.msi_or_msix_on() {
             self.set_intx(true);
         }
