@@ -150,8 +150,17 @@ struct RouterInner {
     next_gsi: u32,
     /// Why new messages no longer get routes (they use `KVM_SIGNAL_MSI`).
     fallback: Option<String>,
-    /// Pass-through vectors: eventfd (by raw fd) -> (GSI, irqfd registered).
-    passthrough: HashMap<RawFd, (u32, bool)>,
+    /// Pass-through vectors, by their eventfd's raw fd.
+    passthrough: HashMap<RawFd, PassRoute>,
+}
+
+/// One pass-through vector's route.
+struct PassRoute {
+    gsi: u32,
+    /// Whether the eventfd is registered as the GSI's irqfd (unmasked).
+    registered: bool,
+    /// The message KVM's routing table has for the GSI.
+    routed: Option<MsiMessage>,
 }
 
 /// An [`MsiSink`] over KVM: irqfd + GSI route per message, `KVM_SIGNAL_MSI` fallback.
@@ -182,26 +191,12 @@ impl KvmMsiRouter {
             return Err(format!("more than {MAX_MSI_ROUTES} distinct MSI messages"));
         }
         let gsi = inner.next_gsi;
-        let mut e = kvm_irq_routing_entry {
-            gsi,
-            type_: KVM_IRQ_ROUTING_MSI,
-            ..Default::default()
-        };
-        e.u.msi.address_lo = msg.address as u32;
-        e.u.msi.address_hi = (msg.address >> 32) as u32;
-        e.u.msi.data = msg.data;
-        let mut routes = inner.routes.clone();
-        routes.push(e);
-        let table = KvmIrqRouting::from_entries(&routes)
-            .map_err(|e| format!("routing table of {} entries: {e:?}", routes.len()))?;
-        self.vm
-            .set_gsi_routing(&table)
-            .map_err(|e| format!("KVM_SET_GSI_ROUTING: {e}"))?;
         let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        self.route_msi(inner, gsi, msg)
+            .map_err(|e| format!("KVM_SET_GSI_ROUTING: {e}"))?;
         self.vm
             .register_irqfd(&fd, gsi)
             .map_err(|e| format!("KVM_IRQFD for GSI {gsi}: {e}"))?;
-        inner.routes = routes;
         inner.next_gsi += 1;
         let fd = Arc::new(fd);
         inner.irqfds.insert((msg.address, msg.data), fd.clone());
@@ -267,18 +262,18 @@ impl KvmMsiRouter {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let key = fd.as_raw_fd();
         let Some(msg) = msg else {
-            if let Some((gsi, registered)) = inner.passthrough.get_mut(&key) {
-                if *registered {
+            if let Some(p) = inner.passthrough.get_mut(&key) {
+                if p.registered {
                     self.vm
-                        .unregister_irqfd(fd, *gsi)
+                        .unregister_irqfd(fd, p.gsi)
                         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-                    *registered = false;
+                    p.registered = false;
                 }
             }
             return Ok(());
         };
-        let gsi = match inner.passthrough.get(&key) {
-            Some((gsi, _)) => *gsi,
+        let (gsi, routed) = match inner.passthrough.get(&key) {
+            Some(p) => (p.gsi, p.routed),
             None => {
                 if inner.irqfds.len() + inner.passthrough.len() >= MAX_MSI_ROUTES {
                     return Err(std::io::Error::other(format!(
@@ -287,10 +282,46 @@ impl KvmMsiRouter {
                 }
                 let gsi = inner.next_gsi;
                 inner.next_gsi += 1;
-                inner.passthrough.insert(key, (gsi, false));
-                gsi
+                inner.passthrough.insert(
+                    key,
+                    PassRoute {
+                        gsi,
+                        registered: false,
+                        routed: None,
+                    },
+                );
+                (gsi, None)
             }
         };
+        // Unmasking a vector (or the whole function) with the message it had
+        // needs only the irqfd, not a new routing table for the whole VM.
+        if routed != Some(msg) {
+            self.route_msi(&mut inner, gsi, msg)?;
+            IRQ_COUNTERS.msi_routes.fetch_add(1, Ordering::Relaxed);
+            log::debug!(
+                "pass-through MSI {:#x}/{:#x}: GSI {gsi}",
+                msg.address,
+                msg.data
+            );
+            if let Some(p) = inner.passthrough.get_mut(&key) {
+                p.routed = Some(msg);
+            }
+        }
+        if let Some(p) = inner.passthrough.get_mut(&key) {
+            if !p.registered {
+                // A signal that arrived while unrouted is delivered now.
+                self.vm
+                    .register_irqfd(fd, gsi)
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+                p.registered = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Point `gsi` at `msg` in KVM's routing table (added, or replacing
+    /// the GSI's entry); `inner.routes` changes only if KVM took the table.
+    fn route_msi(&self, inner: &mut RouterInner, gsi: u32, msg: MsiMessage) -> std::io::Result<()> {
         let mut e = kvm_irq_routing_entry {
             gsi,
             type_: KVM_IRQ_ROUTING_MSI,
@@ -312,21 +343,6 @@ impl KvmMsiRouter {
             .set_gsi_routing(&table)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         inner.routes = routes;
-        if let Some((_, registered)) = inner.passthrough.get_mut(&key) {
-            if !*registered {
-                // A signal that arrived while unrouted is delivered now.
-                self.vm
-                    .register_irqfd(fd, gsi)
-                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-                *registered = true;
-            }
-        }
-        IRQ_COUNTERS.msi_routes.fetch_add(1, Ordering::Relaxed);
-        log::debug!(
-            "pass-through MSI {:#x}/{:#x}: GSI {gsi}",
-            msg.address,
-            msg.data
-        );
         Ok(())
     }
 }
