@@ -397,7 +397,9 @@ impl<O: VfioOps> VfioPciDevice<O> {
         Owner::Device
     }
 
-    fn msi_message(m: &MsiCap) -> MsiMessage {
+    /// The message vector 0 signals, or `None` while the guest masks it
+    /// (per-vector masking: the mask bits follow the data and 2 reserved bytes).
+    fn msi_message(m: &MsiCap) -> Option<MsiMessage> {
         let control = u16::from_le_bytes([m.regs[0], m.regs[1]]);
         let lo = u32::from_le_bytes([m.regs[2], m.regs[3], m.regs[4], m.regs[5]]);
         let (hi, data_at) = if control & MSI_64BIT != 0 {
@@ -409,10 +411,13 @@ impl<O: VfioOps> VfioPciDevice<O> {
             (0, 6)
         };
         let data = u16::from_le_bytes([m.regs[data_at], m.regs[data_at + 1]]);
-        MsiMessage {
+        if control & MSI_PVM != 0 && m.regs[data_at + 4] & 1 != 0 {
+            return None;
+        }
+        Some(MsiMessage {
             address: (u64::from(hi) << 32) | u64::from(lo),
             data: u32::from(data),
-        }
+        })
     }
 
     /// Bring VFIO's MSI state and the route in line with the shadow after a write.
@@ -439,7 +444,7 @@ impl<O: VfioOps> VfioPciDevice<O> {
         }
         if m.enabled {
             let msg = Self::msi_message(m);
-            if let Err(e) = self.routes.set_msi_route(&m.fd, Some(msg)) {
+            if let Err(e) = self.routes.set_msi_route(&m.fd, msg) {
                 log::warn!("VFIO: MSI route {msg:?}: {e}");
             }
         } else if !self.msi_or_msix_on() {
