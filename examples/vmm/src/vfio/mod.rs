@@ -40,7 +40,12 @@ mod tests;
 use std::io;
 use std::sync::Arc;
 
-use iovirt_bus::pci::{BarSpec, ClassCode, ConfigSpace, PciError, PciFunction, PciIdentity};
+use iovirt_bus::pci::{
+    BarSpec, ClassCode, ConfigSpace, PciError, PciFunction, PciIdentity, BAR0,
+    CAPABILITIES_POINTER, COMMAND, COMMAND_BUS_MASTER, COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE,
+    EXPANSION_ROM, MSIX_CAPABILITY_ID, MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK,
+    MSIX_ENTRY_SIZE, MSIX_VECTOR_MASKED,
+};
 use iovirt_bus::MsiMessage;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -58,27 +63,16 @@ pub const IRQ_MSIX: u32 = 2;
 
 /// Bytes of standard configuration space forwarded (extended space is not shown).
 const CONFIG_SIZE: u16 = 256;
-/// Command register; bits 0-2 enable I/O, memory and bus mastering.
-const COMMAND: u16 = 0x04;
-const COMMAND_DECODE: u16 = 0x7;
-/// First BAR register and the expansion ROM register.
-const BAR_FIRST: u16 = 0x10;
-const BAR_END: u16 = 0x28;
-const ROM_BAR: u16 = 0x30;
-/// Capabilities pointer, and the capability IDs the model intercepts.
-const CAP_POINTER: u16 = 0x34;
+/// Command bits that turn on I/O, memory and bus-master decoding.
+const COMMAND_DECODE: u16 = COMMAND_IO_SPACE | COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER;
+/// End of the six BAR registers.
+const BAR_END: u16 = BAR0 + 6 * 4;
+/// The MSI capability's ID (the model intercepts it, and MSI-X).
 const CAP_ID_MSI: u8 = 0x05;
-const CAP_ID_MSIX: u8 = 0x11;
 /// MSI control bits: enable, 64-bit address capable, per-vector masking capable.
 const MSI_ENABLE: u16 = 1 << 0;
 const MSI_64BIT: u16 = 1 << 7;
 const MSI_PVM: u16 = 1 << 8;
-/// MSI-X control bits: enable and function mask.
-const MSIX_ENABLE: u16 = 1 << 15;
-const MSIX_MASKALL: u16 = 1 << 14;
-/// MSI-X table entry size and its vector-control mask bit.
-const MSIX_ENTRY: u64 = 16;
-const MSIX_MASKED: u32 = 1;
 
 /// Why a host device could not be attached.
 #[derive(Debug, thiserror::Error)]
@@ -285,7 +279,7 @@ impl<O: VfioOps> VfioPciDevice<O> {
     fn add_bars(ops: &O, cfg: &[u8], config: &mut ConfigSpace) -> Result<(), VfioError> {
         let mut i = 0u8;
         while i < 6 {
-            let reg = usize::from(BAR_FIRST) + 4 * usize::from(i);
+            let reg = usize::from(BAR0) + 4 * usize::from(i);
             let raw = u32::from_le_bytes([cfg[reg], cfg[reg + 1], cfg[reg + 2], cfg[reg + 3]]);
             let size = ops
                 .region_info(BAR0_REGION + u32::from(i))
@@ -317,7 +311,7 @@ impl<O: VfioOps> VfioPciDevice<O> {
         if cfg[0x06] & 0x10 == 0 {
             return Ok(()); // no capability list
         }
-        let mut p = usize::from(cfg[usize::from(CAP_POINTER)] & 0xfc);
+        let mut p = usize::from(cfg[usize::from(CAPABILITIES_POINTER)] & 0xfc);
         for _ in 0..48 {
             if p < 0x40 || p + 4 > cfg.len() {
                 break;
@@ -326,7 +320,7 @@ impl<O: VfioOps> VfioPciDevice<O> {
             let control = u16::from_le_bytes([cfg[p + 2], cfg[p + 3]]);
             let offset = p as u16;
             match id {
-                CAP_ID_MSIX if p + 12 <= cfg.len() => {
+                MSIX_CAPABILITY_ID if p + 12 <= cfg.len() => {
                     let table =
                         u32::from_le_bytes([cfg[p + 4], cfg[p + 5], cfg[p + 6], cfg[p + 7]]);
                     let n = usize::from(control & 0x7ff) + 1;
@@ -336,13 +330,13 @@ impl<O: VfioOps> VfioPciDevice<O> {
                         vectors.push(MsixVector {
                             address: 0,
                             data: 0,
-                            control: MSIX_MASKED,
+                            control: MSIX_VECTOR_MASKED,
                             fd: eventfd()?,
                         });
                     }
                     self.msix = Some(MsixCap {
                         offset,
-                        control: control & !(MSIX_ENABLE | MSIX_MASKALL),
+                        control: control & !(MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK),
                         table_bar: (table & 7) as u8,
                         table_offset: u64::from(table & !7),
                         vectors,
@@ -381,7 +375,7 @@ impl<O: VfioOps> VfioPciDevice<O> {
 
     /// Where config byte `o` comes from.
     fn owner(&self, o: u16) -> Owner {
-        if (BAR_FIRST..BAR_END).contains(&o) || (ROM_BAR..ROM_BAR + 4).contains(&o) {
+        if (BAR0..BAR_END).contains(&o) || (EXPANSION_ROM..EXPANSION_ROM + 4).contains(&o) {
             return Owner::Emulated;
         }
         if let Some(m) = &self.msi {
@@ -454,9 +448,9 @@ impl<O: VfioOps> VfioPciDevice<O> {
 
     /// The route vector `v` should have now.
     fn msix_route(cap: &MsixCap, v: &MsixVector) -> Option<MsiMessage> {
-        let live = cap.control & MSIX_ENABLE != 0
-            && cap.control & MSIX_MASKALL == 0
-            && v.control & MSIX_MASKED == 0;
+        let live = cap.control & MSIX_CONTROL_ENABLE != 0
+            && cap.control & MSIX_CONTROL_FUNCTION_MASK == 0
+            && v.control & MSIX_VECTOR_MASKED == 0;
         live.then_some(MsiMessage {
             address: v.address,
             data: v.data,
@@ -465,7 +459,10 @@ impl<O: VfioOps> VfioPciDevice<O> {
 
     fn msix_control_written(&mut self, old: u16) {
         let Some(cap) = &self.msix else { return };
-        let (was, now) = (old & MSIX_ENABLE != 0, cap.control & MSIX_ENABLE != 0);
+        let (was, now) = (
+            old & MSIX_CONTROL_ENABLE != 0,
+            cap.control & MSIX_CONTROL_ENABLE != 0,
+        );
         if now && !was {
             self.set_intx(false);
         }
@@ -522,7 +519,7 @@ impl<O: VfioOps> VfioPciDevice<O> {
             || self
                 .msix
                 .as_ref()
-                .is_some_and(|m| m.control & MSIX_ENABLE != 0)
+                .is_some_and(|m| m.control & MSIX_CONTROL_ENABLE != 0)
     }
 
     /// Turn VFIO's INTx on or off (it must be off while MSI or MSI-X is on,
@@ -554,8 +551,8 @@ impl<O: VfioOps> VfioPciDevice<O> {
     fn msix_entry(&self, bar: u8, offset: u64) -> Option<(usize, u64)> {
         let cap = self.msix.as_ref().filter(|c| c.table_bar == bar)?;
         let rel = offset.checked_sub(cap.table_offset)?;
-        let v = usize::try_from(rel / MSIX_ENTRY).ok()?;
-        (v < cap.vectors.len()).then_some((v, rel % MSIX_ENTRY))
+        let v = usize::try_from(rel / MSIX_ENTRY_SIZE).ok()?;
+        (v < cap.vectors.len()).then_some((v, rel % MSIX_ENTRY_SIZE))
     }
 }
 
@@ -600,7 +597,8 @@ impl<O: VfioOps + 'static> PciFunction for VfioPciDevice<O> {
                         dev[usize::from((m.offset + 2) & 3)],
                         dev[usize::from((m.offset + 3) & 3)],
                     ]);
-                    let w = (dev_word & !(MSIX_ENABLE | MSIX_MASKALL)) | m.control;
+                    let w = (dev_word & !(MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK))
+                        | m.control;
                     w.to_le_bytes()[usize::from(r)]
                 }),
                 Owner::Device => dev.get(usize::from(o - base)).copied().unwrap_or(0xff),
@@ -654,7 +652,7 @@ impl<O: VfioOps + 'static> PciFunction for VfioPciDevice<O> {
                     if let Some(m) = &mut self.msix {
                         msix_old.get_or_insert(m.control);
                         if r == 1 {
-                            let bits = (MSIX_ENABLE | MSIX_MASKALL) >> 8;
+                            let bits = (MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK) >> 8;
                             let hi = (m.control >> 8) as u8 & !(bits as u8) | (b & bits as u8);
                             m.control = (m.control & 0xff) | (u16::from(hi) << 8);
                         }
