@@ -12,6 +12,8 @@
 //! Interrupts are counted by the daemon and read through its control socket
 //! (`export-stats`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -65,17 +67,8 @@ impl Daemon {
             .spawn()
             .expect("start iovirt-vhost-user-blk");
         let mut d = Daemon { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for f in ["file-off.sock", "paced-on.sock", "ctl.sock"] {
-            while !d.path(f).exists() {
-                assert!(
-                    d.child.try_wait().expect("try_wait").is_none(),
-                    "daemon exited"
-                );
-                assert!(Instant::now() < deadline, "no {f}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        let paths = ["file-off.sock", "paced-on.sock", "ctl.sock"].map(|f| d.path(f));
+        common::wait_for_paths(&mut d.child, &paths, Duration::from_secs(20));
         d
     }
 

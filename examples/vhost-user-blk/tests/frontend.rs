@@ -4,6 +4,8 @@
 //! vanishing mid-I/O cannot take the daemon down, and that the next frontend
 //! gets a working device with the same disk contents.
 
+mod common;
+
 use std::io::Write;
 use std::mem::MaybeUninit;
 use std::os::unix::net::UnixStream;
@@ -34,15 +36,7 @@ impl Daemon {
             .spawn()
             .expect("start iovirt-vhost-user-blk");
         let mut d = Daemon { child, socket };
-        let t = Instant::now();
-        while !d.socket.exists() {
-            assert!(
-                matches!(d.child.try_wait(), Ok(None)),
-                "daemon exited early"
-            );
-            assert!(t.elapsed() < Duration::from_secs(10), "no socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_for_paths(&mut d.child, &[&d.socket], Duration::from_secs(10));
         d
     }
 

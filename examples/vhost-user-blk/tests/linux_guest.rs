@@ -9,6 +9,8 @@
 //! filter over a qemu-img LUKS1 file): qemu-img decrypts the image afterwards
 //! and finds the guest's data, and the raw file holds none of it in plaintext.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -187,17 +189,7 @@ impl Daemon {
         };
         let child = cmd.spawn().expect("start iovirt-vhost-user-blk");
         let mut d = Daemon { child, socket };
-        let t = Instant::now();
-        while !d.socket.exists() {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                panic!("daemon exited early: {st}");
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "daemon did not create its socket"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_for_paths(&mut d.child, &[&d.socket], Duration::from_secs(10));
         d
     }
 

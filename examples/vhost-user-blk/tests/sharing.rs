@@ -11,6 +11,8 @@
 //! `--reservation 900` is 800 IOPS and `--limit 450` is 400 IOPS. The stage
 //! keeps 16 requests at the back-end (`--sched-depth 16`).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -72,17 +74,8 @@ impl Daemon {
             .spawn()
             .expect("start iovirt-vhost-user-blk");
         let mut d = Daemon { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for (name, _) in exports {
-            while !d.socket(name).exists() {
-                assert!(
-                    d.child.try_wait().expect("try_wait").is_none(),
-                    "daemon exited"
-                );
-                assert!(Instant::now() < deadline, "no socket for export {name}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        let paths: Vec<_> = exports.iter().map(|(name, _)| d.socket(name)).collect();
+        common::wait_for_paths(&mut d.child, &paths, Duration::from_secs(20));
         d
     }
 

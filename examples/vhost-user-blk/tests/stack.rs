@@ -4,10 +4,12 @@
 //!
 //! The I/O test uses libblkio's virtio-blk-vhost-user driver as the frontend.
 
+mod common;
+
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blkio::{Blkio, ReqFlags};
 
@@ -131,15 +133,7 @@ fn serves_the_stack_it_describes() {
         .spawn()
         .expect("start iovirt-vhost-user-blk");
     let mut d = Daemon { child };
-    let t = Instant::now();
-    while !socket.exists() {
-        assert!(
-            matches!(d.child.try_wait(), Ok(None)),
-            "daemon exited early"
-        );
-        assert!(t.elapsed() < Duration::from_secs(10), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_paths(&mut d.child, &[&socket], Duration::from_secs(10));
 
     let mut b = Blkio::new("virtio-blk-vhost-user").expect("driver");
     b.set_str("path", socket.to_str().expect("utf-8 path"))
