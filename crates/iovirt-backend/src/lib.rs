@@ -64,7 +64,7 @@ pub use image::{open_image, CD_SECTOR_SIZE};
 pub use memory::{MemoryBackend, NullBackend};
 pub use request::{submit_wait, BlockBackend, BlockInfo, Completion, Features, Request};
 pub use sync::{Inline, SyncBackend, ThreadPool};
-pub use uring::{UringFile, DEFAULT_URING_DEPTH};
+pub use uring::{UringFile, DEFAULT_URING_DEPTH, PLUG_BATCH, URING_WATCHDOG};
 
 use serde::{Deserialize, Serialize};
 

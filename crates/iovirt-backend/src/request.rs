@@ -197,6 +197,39 @@ pub trait BlockBackend: Send + Sync {
     /// Submit `req`; `done` is called exactly once when it completes (possibly
     /// before `submit` returns).
     fn submit(&self, req: Request, done: Completion);
+
+    /// Hold submissions back until [`BlockBackend::unplug`], so that a burst
+    /// of requests reaches the kernel in one system call (as Linux's block
+    /// plugging does). Requests submitted while plugged still complete; the
+    /// back-end may start them at any time before the matching `unplug`.
+    /// Calls nest. The default does nothing.
+    fn plug(&self) {}
+
+    /// End a [`BlockBackend::plug`]: start everything held back.
+    fn unplug(&self) {}
+
+    /// Completion polling, for an owner with its own event loop: a
+    /// back-end that can run its completions on the owner's thread returns
+    /// an eventfd that becomes readable when completions are ready. The
+    /// owner watches it (level-triggered), and when it fires reads it
+    /// (8 bytes) to clear it and then calls
+    /// [`BlockBackend::poll_completions`]. Asking for the descriptor hands
+    /// completion delivery to the caller: the back-end's own completion
+    /// thread, if it has one, steps back to a slow watchdog that only reaps
+    /// what the owner leaves for long. `None` (the default): completions
+    /// arrive inline or on the back-end's threads, as before.
+    ///
+    /// This saves one thread wake-up per completion batch.
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// Run the completions that are ready, on the calling thread; returns
+    /// how many. No system call when nothing is ready. The default does
+    /// nothing and returns 0.
+    fn poll_completions(&self) -> usize {
+        0
+    }
 }
 
 impl<T: BlockBackend + ?Sized> BlockBackend for std::sync::Arc<T> {
@@ -206,6 +239,18 @@ impl<T: BlockBackend + ?Sized> BlockBackend for std::sync::Arc<T> {
     fn submit(&self, req: Request, done: Completion) {
         (**self).submit(req, done)
     }
+    fn plug(&self) {
+        (**self).plug()
+    }
+    fn unplug(&self) {
+        (**self).unplug()
+    }
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        (**self).completion_fd()
+    }
+    fn poll_completions(&self) -> usize {
+        (**self).poll_completions()
+    }
 }
 
 impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
@@ -214,6 +259,18 @@ impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
     }
     fn submit(&self, req: Request, done: Completion) {
         (**self).submit(req, done)
+    }
+    fn plug(&self) {
+        (**self).plug()
+    }
+    fn unplug(&self) {
+        (**self).unplug()
+    }
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        (**self).completion_fd()
+    }
+    fn poll_completions(&self) -> usize {
+        (**self).poll_completions()
     }
 }
 

@@ -4,10 +4,18 @@
 //! One ring per [`UringFile`] (open one per queue for more parallelism).
 //! [`BlockBackend::submit`] validates the request, turns it into one SQE
 //! (`READV`, `WRITEV` with `RWF_DSYNC` for FUA, `FSYNC` with `DATASYNC`,
-//! `FALLOCATE`) and submits it at once; a reaper thread sleeps on an eventfd
-//! registered with the ring, drains the completion queue and calls the
-//! [`Completion`]s, outside any lock. Requests beyond the ring's depth wait in a
-//! queue and start as earlier ones complete, so `submit` never blocks on I/O.
+//! `FALLOCATE`) and submits it at once (or, between [`BlockBackend::plug`] and
+//! [`BlockBackend::unplug`], in one `io_uring_enter` per [`PLUG_BATCH`]); a
+//! reaper thread sleeps on an eventfd registered with the ring, drains the
+//! completion queue and calls the [`Completion`]s, outside any lock. Requests
+//! beyond the ring's depth wait in a queue and start as earlier ones complete,
+//! so `submit` never blocks on I/O.
+//!
+//! An owner with its own event loop can take completion delivery over
+//! ([`BlockBackend::completion_fd`]): it watches the ring's eventfd and reaps
+//! on its own thread ([`BlockBackend::poll_completions`]), which saves the
+//! reaper's wake-up (and the owner's second one) per completion batch. The
+//! reaper then only wakes every [`URING_WATCHDOG`] to reap what nobody reaped.
 //!
 //! ## Flush ordering
 //!
@@ -31,8 +39,10 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
+use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring, Probe};
 
@@ -44,6 +54,17 @@ use crate::{
 
 /// Requests in flight per ring when not told otherwise.
 pub const DEFAULT_URING_DEPTH: u32 = 128;
+
+/// While plugged, the held submissions are entered every this many SQEs, so
+/// the device starts on the first of a long burst while the rest are being
+/// prepared. Measured at queue depth 32 on an O_DIRECT file here: holding the
+/// whole burst cut CPU per request by a fifth but IOPS by a quarter (the first
+/// requests waited for the last); 8 kept most of the saving and the IOPS.
+pub const PLUG_BATCH: usize = 8;
+
+/// Once an owner polls completions ([`BlockBackend::completion_fd`]), the
+/// reaper looks for completions nobody reaped this often.
+pub const URING_WATCHDOG: Duration = Duration::from_millis(50);
 
 /// An io_uring instance with the eventfd it signals completions on.
 pub(crate) struct Ring {
@@ -73,15 +94,33 @@ impl Ring {
                 ));
             }
         }
-        // SAFETY: eventfd takes no pointers; we check the result before use.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let evfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let evfd = eventfd()?;
         ring.submitter().register_eventfd(evfd.as_raw_fd())?;
         Ok(Ring { ring, evfd })
+    }
+}
+
+/// A new non-blocking eventfd.
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; we check the result before use.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reset an eventfd (non-blocking: nothing happens when it is clear).
+fn clear_eventfd(fd: &OwnedFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a live local; the eventfd is non-blocking.
+    unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut v as *mut u64).cast(),
+            std::mem::size_of::<u64>(),
+        );
     }
 }
 
@@ -111,6 +150,10 @@ struct State {
     pending: VecDeque<(Request, Completion)>,
     /// SQEs are in the ring that `io_uring_enter` did not take yet.
     unsubmitted: bool,
+    /// Open [`BlockBackend::plug`] calls: submissions wait for the last unplug.
+    plugged: usize,
+    /// SQEs queued since the last `io_uring_enter`.
+    held: usize,
     shutdown: bool,
 }
 
@@ -119,6 +162,10 @@ struct Shared {
     ring: Ring,
     depth: usize,
     state: Mutex<State>,
+    /// Wakes the reaper (shutdown, a retry of refused submissions).
+    wake: OwnedFd,
+    /// An owner polls completions: the reaper only watches.
+    driven: AtomicBool,
 }
 
 /// A [`RawFile`] driven through io_uring; see the module docs for the design.
@@ -171,11 +218,17 @@ impl UringFile {
 
     pub(crate) fn with_ring(raw: RawFile, ring: Ring) -> Result<Self, OpenError> {
         let depth = ring.ring.params().sq_entries() as usize;
+        let wake = eventfd().map_err(|source| OpenError::Engine {
+            engine: "io_uring",
+            source,
+        })?;
         let shared = Arc::new(Shared {
             raw,
             ring,
             depth,
             state: Mutex::new(State::default()),
+            wake,
+            driven: AtomicBool::new(false),
         });
         let s = shared.clone();
         let reaper = thread::Builder::new()
@@ -232,7 +285,12 @@ impl BlockBackend for UringFile {
             } else {
                 let r = sh.queue(&mut st, req, done).err();
                 if r.is_none() {
-                    sh.enter(&mut st);
+                    st.held += 1;
+                    if st.plugged > 0 && st.held < PLUG_BATCH {
+                        st.unsubmitted = true;
+                    } else {
+                        sh.enter(&mut st);
+                    }
                 }
                 r
             }
@@ -240,6 +298,32 @@ impl BlockBackend for UringFile {
         if let Some((done, e)) = failed {
             done.complete(Err(e));
         }
+    }
+
+    fn plug(&self) {
+        self.shared.lock().plugged += 1;
+    }
+
+    fn unplug(&self) {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        st.plugged = st.plugged.saturating_sub(1);
+        if st.plugged == 0 && st.unsubmitted {
+            sh.enter(&mut st);
+        }
+    }
+
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        let sh = &self.shared;
+        if !sh.driven.swap(true, Ordering::SeqCst) {
+            // The reaper stops watching the ring's eventfd at its next pass.
+            sh.kick();
+        }
+        Some(sh.ring.evfd.as_raw_fd())
+    }
+
+    fn poll_completions(&self) -> usize {
+        self.shared.reap_ready().0
     }
 }
 
@@ -270,28 +354,38 @@ impl Shared {
         // SAFETY: writes 8 bytes from a live local to our eventfd.
         unsafe {
             libc::write(
-                self.ring.evfd.as_raw_fd(),
+                self.wake.as_raw_fd(),
                 (&one as *const u64).cast(),
                 std::mem::size_of::<u64>(),
             );
         }
     }
 
-    /// Sleep until the eventfd fires or `timeout_ms` passes (-1: forever), then reset it.
+    /// Sleep until the reaper is kicked, the ring signals a completion (unless
+    /// an owner polls them) or `timeout_ms` passes (-1: forever); reset what fired.
     fn wait(&self, timeout_ms: i32) {
-        let fd = self.ring.evfd.as_raw_fd();
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polls one live pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        let driven = self.driven.load(Ordering::SeqCst);
+        let mut pfds = [
+            libc::pollfd {
+                fd: self.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.ring.evfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let n: libc::nfds_t = if driven { 1 } else { 2 };
+        // SAFETY: polls `n` live pollfds of the array.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), n, timeout_ms) };
         if r > 0 {
-            let mut v: u64 = 0;
-            // SAFETY: reads 8 bytes into a live local; the eventfd is non-blocking.
-            unsafe {
-                libc::read(fd, (&mut v as *mut u64).cast(), std::mem::size_of::<u64>());
+            if pfds[0].revents != 0 {
+                clear_eventfd(&self.wake);
+            }
+            if pfds[1].revents != 0 {
+                clear_eventfd(&self.ring.evfd);
             }
         }
     }
@@ -376,6 +470,7 @@ impl Shared {
     /// Hand queued SQEs to the kernel. If it cannot take them now (EAGAIN,
     /// EBUSY), the reaper retries shortly.
     fn enter(&self, st: &mut State) {
+        st.held = 0;
         loop {
             match self.ring.ring.submit() {
                 Ok(_) => {
@@ -403,58 +498,79 @@ impl Shared {
         let mut timeout = -1;
         loop {
             self.wait(timeout);
-            let mut finished = Vec::new();
-            let mut failed = Vec::new();
-            let exit = {
-                let mut st = self.lock();
-                // SAFETY: the reaper is the only reader of the completion queue.
-                let mut cq = unsafe { self.ring.ring.completion_shared() };
-                cq.sync();
-                for cqe in &mut cq {
-                    let idx = cqe.user_data() as usize;
-                    if let Some(op) = st.slots.get_mut(idx).and_then(Option::take) {
-                        st.free.push(idx);
-                        st.in_flight -= 1;
-                        finished.push((op, cqe.result()));
-                    }
-                }
-                drop(cq);
-                let mut queued = st.unsubmitted;
-                while st.in_flight < self.depth {
-                    let Some((req, done)) = st.pending.pop_front() else {
-                        break;
-                    };
-                    match self.queue(&mut st, req, done) {
-                        Ok(()) => queued = true,
-                        Err(f) => failed.push(f),
-                    }
-                }
-                if queued {
-                    self.enter(&mut st);
-                }
-                timeout = if st.unsubmitted { 10 } else { -1 };
-                st.shutdown && st.in_flight == 0 && st.pending.is_empty()
-            };
-            for (done, e) in failed {
-                done.complete(Err(e));
-            }
-            for (op, res) in finished {
-                let Op {
-                    req,
-                    done,
-                    iov,
-                    bounce,
-                    zero_fallback,
-                } = op;
-                drop(iov);
-                let r = self.finish(&req, bounce, zero_fallback, res);
-                drop(req);
-                done.complete(r);
-            }
+            let (_, exit, unsubmitted) = self.reap_ready();
             if exit {
                 return;
             }
+            timeout = if unsubmitted {
+                10
+            } else if self.driven.load(Ordering::SeqCst) {
+                URING_WATCHDOG.as_millis() as i32
+            } else {
+                -1
+            };
         }
+    }
+
+    /// Drain the completion queue, start queued requests, and run the
+    /// completions (outside the lock). Returns how many completed, whether
+    /// the ring is shut down and idle, and whether submissions wait for a retry.
+    fn reap_ready(&self) -> (usize, bool, bool) {
+        let mut finished = Vec::new();
+        let mut failed = Vec::new();
+        let (exit, unsubmitted) = {
+            let mut st = self.lock();
+            // SAFETY: the completion queue is only read under the state lock, which we hold.
+            let mut cq = unsafe { self.ring.ring.completion_shared() };
+            cq.sync();
+            for cqe in &mut cq {
+                let idx = cqe.user_data() as usize;
+                if let Some(op) = st.slots.get_mut(idx).and_then(Option::take) {
+                    st.free.push(idx);
+                    st.in_flight -= 1;
+                    finished.push((op, cqe.result()));
+                }
+            }
+            drop(cq);
+            if finished.is_empty() && !st.unsubmitted && !st.shutdown {
+                return (0, false, false);
+            }
+            let mut queued = st.unsubmitted && st.plugged == 0;
+            while st.in_flight < self.depth {
+                let Some((req, done)) = st.pending.pop_front() else {
+                    break;
+                };
+                match self.queue(&mut st, req, done) {
+                    Ok(()) => queued = true,
+                    Err(f) => failed.push(f),
+                }
+            }
+            if queued {
+                self.enter(&mut st);
+            }
+            (
+                st.shutdown && st.in_flight == 0 && st.pending.is_empty(),
+                st.unsubmitted,
+            )
+        };
+        let n = finished.len();
+        for (done, e) in failed {
+            done.complete(Err(e));
+        }
+        for (op, res) in finished {
+            let Op {
+                req,
+                done,
+                iov,
+                bounce,
+                zero_fallback,
+            } = op;
+            drop(iov);
+            let r = self.finish(&req, bounce, zero_fallback, res);
+            drop(req);
+            done.complete(r);
+        }
+        (n, exit, unsubmitted)
     }
 
     /// Turn a CQE result into the request's result, finishing short transfers

@@ -202,6 +202,10 @@ fn copy_queue(q: &Queue, iovas: Option<RingIovas>) -> Result<Queue, virtio_queue
 
 struct Inner {
     blk: VirtioBlock,
+    /// The back-end, for polling its completions when no queue runs.
+    disk: Arc<dyn BlockBackend>,
+    /// The back-end's completion eventfd, once the workers watch it.
+    backend_fd: OnceLock<Option<RawFd>>,
     poll: Duration,
     queue_size: u16,
     mem: AtomicMem,
@@ -233,7 +237,7 @@ impl BlkDevice {
         let num_queues = cfg.num_queues;
         let queue_size = cfg.queue_size;
         let coalescing = cfg.coalescing.is_some();
-        let blk = VirtioBlock::new(disk, cfg).map_err(|e| Error::Usage(e.to_string()))?;
+        let blk = VirtioBlock::new(disk.clone(), cfg).map_err(|e| Error::Usage(e.to_string()))?;
         let queues = (0..num_queues)
             .map(|index| {
                 let timer = if coalescing {
@@ -257,6 +261,8 @@ impl BlkDevice {
             .map_err(Error::Setup)?;
         Ok(BlkDevice(Arc::new(Inner {
             blk,
+            disk,
+            backend_fd: OnceLock::new(),
             poll,
             queue_size,
             mem,
@@ -323,6 +329,23 @@ impl BlkDevice {
     /// The event id of coalescing deadline timers.
     pub fn timer_event_id(&self) -> u64 {
         self.0.queues.len() as u64 + 2
+    }
+
+    /// Take completion delivery over from the back-end, where it allows
+    /// ([`BlockBackend::completion_fd`]): the server registers the returned
+    /// eventfd with every worker under [`BlkDevice::backend_event_id`], and
+    /// the queue workers reap completions themselves instead of being woken
+    /// by the back-end's thread. Call only when it will be registered.
+    pub fn take_backend_completions(&self) -> Option<RawFd> {
+        *self
+            .0
+            .backend_fd
+            .get_or_init(|| self.0.disk.completion_fd())
+    }
+
+    /// The event id of the back-end's completion eventfd.
+    pub fn backend_event_id(&self) -> u64 {
+        self.0.queues.len() as u64 + 3
     }
 
     /// Requests this device put on its used rings, over all queues.
@@ -606,6 +629,19 @@ impl VhostUserBackend for BlkDevice {
             if let Some(h) = run.handler.as_mut() {
                 h.process_completions();
             }
+        } else if id == self.backend_event_id() {
+            // Clear the back-end's eventfd, then reap (a completion after
+            // the reap sets it again). Completions of other queues reach
+            // their owners through their own wake-up events.
+            if let Some(Some(fd)) = self.0.backend_fd.get() {
+                clear_eventfd(*fd);
+            }
+            match run.handler.as_mut() {
+                Some(h) => h.process_completions(),
+                None => {
+                    self.0.disk.poll_completions();
+                }
+            }
         } else if id == self.timer_event_id() {
             // The timerfd is non-blocking: GET_VRING_BASE (on another thread)
             // may have disarmed it after epoll reported it, and an old
@@ -633,6 +669,16 @@ impl VhostUserBackend for BlkDevice {
         run.arm(q.index);
         // Errors are logged by the queue handler; returning one would stop this worker.
         Ok(())
+    }
+}
+
+/// Reset a non-blocking eventfd we do not own.
+fn clear_eventfd(fd: RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a live local from a descriptor the back-end
+    // keeps open while it lives (and we hold it); a clear eventfd just fails.
+    unsafe {
+        libc::read(fd, (&mut v as *mut u64).cast(), std::mem::size_of::<u64>());
     }
 }
 

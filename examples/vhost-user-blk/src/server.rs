@@ -147,6 +147,13 @@ pub fn serve(
                 .register_listener(fd, EventSet::IN, dev.completion_event_id())
                 .map_err(Error::Setup)?;
         }
+        if let Some(fd) = dev.take_backend_completions() {
+            for handler in handlers.iter() {
+                handler
+                    .register_listener(fd, EventSet::IN, dev.backend_event_id())
+                    .map_err(Error::Setup)?;
+            }
+        }
         for (handler, fd) in handlers.iter().zip(dev.timer_fds()) {
             handler
                 .register_listener(fd, EventSet::IN, dev.timer_event_id())

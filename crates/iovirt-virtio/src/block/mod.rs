@@ -493,6 +493,8 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
     /// Pop, parse and submit every available chain; returns how many.
     fn pop_all(&mut self, mem: &vm_memory::atomic::GuestMemoryLoadGuard<M>) -> usize {
         self.done.submitter.store(thread_token(), Ordering::Relaxed);
+        // One submission system call for the whole pass, where the back-end batches.
+        self.backend.plug();
         let mut n = 0;
         while let Some(chain) = self.queue.pop_descriptor_chain(&**mem) {
             n += 1;
@@ -506,13 +508,21 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
                 self.signal_if_needed(mem);
             }
         }
+        self.backend.unplug();
         self.done.submitter.store(0, Ordering::Relaxed);
         n
     }
 
-    /// Collect completions from the back-end, put them on the used ring and
-    /// signal the guest if the suppression rules allow.
+    /// Collect completions from the back-end (first running those it lets
+    /// the caller poll, see [`BlockBackend::completion_fd`]), put them on the
+    /// used ring and signal the guest if the suppression rules allow.
     pub fn process_completions(&mut self) {
+        if self.inflight > 0 {
+            // Completions run here are this thread's own: no wake-up needed.
+            self.done.submitter.store(thread_token(), Ordering::Relaxed);
+            self.backend.poll_completions();
+            self.done.submitter.store(0, Ordering::Relaxed);
+        }
         let mem = self.mem.memory();
         self.collect(&mem);
         self.signal_if_needed(&mem);
@@ -552,6 +562,7 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
     fn drain_without_rings(&mut self, timeout: Duration) -> usize {
         let deadline = std::time::Instant::now() + timeout;
         loop {
+            self.backend.poll_completions();
             {
                 let mut list = self.done.list.lock().unwrap_or_else(|e| e.into_inner());
                 self.inflight = self.inflight.saturating_sub(list.len());
