@@ -62,7 +62,9 @@ pub use error::{BlockError, BlockResult, DeviceStatus};
 pub use file::{open_async, AsyncEngine, OpenError, RawFile, RawFileOptions};
 pub use image::{open_image, CD_SECTOR_SIZE};
 pub use memory::{MemoryBackend, NullBackend};
-pub use request::{submit_wait, BlockBackend, BlockInfo, Completion, Features, Request};
+pub use request::{
+    clear_completion_fd, submit_wait, BlockBackend, BlockInfo, Completion, Features, Request,
+};
 pub use sync::{Inline, SyncBackend, ThreadPool};
 pub use uring::{UringFile, DEFAULT_URING_DEPTH, PLUG_BATCH, URING_WATCHDOG};
 

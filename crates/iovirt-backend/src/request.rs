@@ -211,8 +211,8 @@ pub trait BlockBackend: Send + Sync {
     /// Completion polling, for an owner with its own event loop: a
     /// back-end that can run its completions on the owner's thread returns
     /// an eventfd that becomes readable when completions are ready. The
-    /// owner watches it (level-triggered), and when it fires reads it
-    /// (8 bytes) to clear it and then calls
+    /// owner watches it (level-triggered), and when it fires clears it
+    /// ([`clear_completion_fd`]) and then calls
     /// [`BlockBackend::poll_completions`]. Asking for the descriptor hands
     /// completion delivery to the caller: the back-end's own completion
     /// thread, if it has one, steps back to a slow watchdog that only reaps
@@ -271,6 +271,19 @@ impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
     }
     fn poll_completions(&self) -> usize {
         (**self).poll_completions()
+    }
+}
+
+/// Clear a [`BlockBackend::completion_fd`] after it fired (it is a
+/// non-blocking eventfd: reading 8 bytes resets it; a clear one just fails),
+/// before calling [`BlockBackend::poll_completions`].
+pub fn clear_completion_fd(fd: std::os::fd::RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a live local. `fd` is the back-end's
+    // eventfd, open while the back-end lives; a stale or foreign descriptor
+    // makes read fail or consume a counter, never touch other memory.
+    unsafe {
+        libc::read(fd, (&mut v as *mut u64).cast(), std::mem::size_of::<u64>());
     }
 }
 

@@ -113,15 +113,7 @@ fn eventfd() -> io::Result<OwnedFd> {
 
 /// Reset an eventfd (non-blocking: nothing happens when it is clear).
 fn clear_eventfd(fd: &OwnedFd) {
-    let mut v: u64 = 0;
-    // SAFETY: reads 8 bytes into a live local; the eventfd is non-blocking.
-    unsafe {
-        libc::read(
-            fd.as_raw_fd(),
-            (&mut v as *mut u64).cast(),
-            std::mem::size_of::<u64>(),
-        );
-    }
+    crate::clear_completion_fd(fd.as_raw_fd());
 }
 
 /// `iovec`s pointing into the buffers of the same [`Op`].

@@ -295,6 +295,21 @@ impl BlockBackend for FaultFilter {
     fn submit(&self, req: Request, done: Completion) {
         self.shared.submit(req, done)
     }
+
+    // One child: plugging and completion polling pass straight through (a
+    // completion polled on the owner's thread runs this filter's part there).
+    fn plug(&self) {
+        self.shared.child.plug()
+    }
+    fn unplug(&self) {
+        self.shared.child.unplug()
+    }
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.shared.child.completion_fd()
+    }
+    fn poll_completions(&self) -> usize {
+        self.shared.child.poll_completions()
+    }
 }
 
 /// The byte range a request covers (none for a flush).

@@ -634,11 +634,13 @@ impl VhostUserBackend for BlkDevice {
             // the reap sets it again). Completions of other queues reach
             // their owners through their own wake-up events.
             if let Some(Some(fd)) = self.0.backend_fd.get() {
-                clear_eventfd(*fd);
+                iovirt_backend::clear_completion_fd(*fd);
             }
             match run.handler.as_mut() {
-                Some(h) => h.process_completions(),
-                None => {
+                // With nothing in flight here, whatever is ready belongs to
+                // other queues (whose workers may have missed the cleared fd).
+                Some(h) if h.inflight() > 0 => h.process_completions(),
+                _ => {
                     self.0.disk.poll_completions();
                 }
             }
@@ -669,16 +671,6 @@ impl VhostUserBackend for BlkDevice {
         run.arm(q.index);
         // Errors are logged by the queue handler; returning one would stop this worker.
         Ok(())
-    }
-}
-
-/// Reset a non-blocking eventfd we do not own.
-fn clear_eventfd(fd: RawFd) {
-    let mut v: u64 = 0;
-    // SAFETY: reads 8 bytes into a live local from a descriptor the back-end
-    // keeps open while it lives (and we hold it); a clear eventfd just fails.
-    unsafe {
-        libc::read(fd, (&mut v as *mut u64).cast(), std::mem::size_of::<u64>());
     }
 }
 

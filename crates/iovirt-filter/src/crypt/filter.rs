@@ -297,4 +297,19 @@ impl BlockBackend for CryptBackend {
             }
         }
     }
+
+    // One child: plugging and completion polling pass straight through (a
+    // completion polled on the owner's thread runs this filter's part there).
+    fn plug(&self) {
+        self.child.plug()
+    }
+    fn unplug(&self) {
+        self.child.unplug()
+    }
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.child.completion_fd()
+    }
+    fn poll_completions(&self) -> usize {
+        self.child.poll_completions()
+    }
 }

@@ -966,6 +966,7 @@ const TOKEN_STOP: u64 = 0;
 const TOKEN_NOTIFY: u64 = 1;
 const TOKEN_DONE: u64 = 2;
 const TOKEN_TIMER: u64 = 3;
+const TOKEN_BACKEND: u64 = 4;
 /// How long a reset waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -987,6 +988,15 @@ fn worker_loop<M: GuestMemory + Send + Sync + 'static>(
             EpollEvent::new(EventSet::IN, token),
         )?;
     }
+    // Back-ends that let their owner reap (io_uring) complete on this thread.
+    let backend_fd = h.backend.completion_fd();
+    if let Some(fd) = backend_fd {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, TOKEN_BACKEND),
+        )?;
+    }
     // The coalescing deadline timer, only for queues that coalesce.
     let mut timer = match h.coalesce {
         Some(_) => {
@@ -1002,7 +1012,7 @@ fn worker_loop<M: GuestMemory + Send + Sync + 'static>(
     };
     // The deadline the timer is armed for.
     let mut armed: Option<Instant> = None;
-    let mut events = [EpollEvent::default(); 4];
+    let mut events = [EpollEvent::default(); 5];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -1026,6 +1036,16 @@ fn worker_loop<M: GuestMemory + Send + Sync + 'static>(
                 TOKEN_NOTIFY => {
                     let _ = notify.read();
                     h.process_queue();
+                }
+                TOKEN_BACKEND => {
+                    if let Some(fd) = backend_fd {
+                        iovirt_backend::clear_completion_fd(fd);
+                    }
+                    // Other queues' completions reach them through their own events.
+                    if h.inflight() == 0 {
+                        h.backend.poll_completions();
+                    }
+                    h.process_completions();
                 }
                 TOKEN_TIMER => {
                     if let Some(t) = timer.as_mut() {
