@@ -303,3 +303,56 @@ fn a_migrate_node_exposes_its_handle_and_moves_the_disk() {
     assert_eq!(target.0.contents()[..4096], [9; 4096][..]);
     assert_eq!(read(&*stack.backend, 4096, 4096), vec![3; 4096]);
 }
+
+/// Single-child filters pass completion polling and plugging through to an
+/// io_uring file, so the device's owner can reap on its own thread; a
+/// filter with several children does not offer it.
+#[test]
+fn completion_polling_passes_through_single_child_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["a.img", "b.img"] {
+        std::fs::File::create(dir.path().join(name))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
+    let one = StackSpec::from_toml_str_in(
+        "[d]\nfilter = \"fault\"\n[d.child]\nbackend = \"file\"\npath = \"a.img\"\ncache = \"writeback\"\nengine = \"io_uring\"\n",
+        dir.path(),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    let Some(fd) = one.completion_fd() else {
+        panic!("the fault filter hides its io_uring child's completion eventfd");
+    };
+    one.plug();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..20u64 {
+        let tx = tx.clone();
+        one.submit(
+            write(i * 4096, i as u8, 4096),
+            iovirt_backend::Completion::new(move |r| tx.send(r.is_ok()).unwrap()),
+        );
+    }
+    one.unplug();
+    let mut got = 0;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while got < 20 && std::time::Instant::now() < end {
+        iovirt_backend::clear_completion_fd(fd);
+        one.poll_completions();
+        got += rx.try_iter().filter(|ok| *ok).count();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(got, 20);
+    assert_eq!(read(&one, 19 * 4096, 4096), vec![19u8; 4096]);
+
+    let two = StackSpec::from_toml_str_in(
+        "[m]\nfilter = \"mirror\"\n[[m.children]]\nbackend = \"file\"\npath = \"a.img\"\ncache = \"writeback\"\n[[m.children]]\nbackend = \"file\"\npath = \"b.img\"\ncache = \"writeback\"\n",
+        dir.path(),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    assert_eq!(two.completion_fd(), None);
+}

@@ -1107,3 +1107,111 @@ fn coalescing_worker_thread_timer_delivers_stalled_completions() {
     assert!(blk.interrupts_signalled() <= 16);
     VirtioDevice::<GuestMemoryMmap>::reset(&mut blk);
 }
+
+// ---------------------------------------------------------------------------
+// Owner-polled completions (BlockBackend::completion_fd).
+
+/// A back-end whose completions run only when its owner polls them: it holds
+/// requests, and `ready` makes them reapable and fires its eventfd.
+struct Polled {
+    held: Held,
+    ready: std::sync::Mutex<Vec<iovirt_backend::Completion>>,
+    evt: EventFd,
+    /// Threads that ran `poll_completions` and completed something.
+    pollers: std::sync::Mutex<Vec<std::thread::ThreadId>>,
+}
+
+impl iovirt_backend::BlockBackend for Polled {
+    fn info(&self) -> iovirt_backend::BlockInfo {
+        self.held.info()
+    }
+    fn submit(&self, req: iovirt_backend::Request, done: iovirt_backend::Completion) {
+        self.held.submit(req, done)
+    }
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.evt.as_raw_fd())
+    }
+    fn poll_completions(&self) -> usize {
+        let ready = std::mem::take(&mut *self.ready.lock().unwrap());
+        let n = ready.len();
+        if n > 0 {
+            self.pollers
+                .lock()
+                .unwrap()
+                .push(std::thread::current().id());
+        }
+        for d in ready {
+            d.complete(Ok(()));
+        }
+        n
+    }
+}
+
+impl Polled {
+    fn ready(&self, n: usize) {
+        let mut q = self.held.0.lock().unwrap();
+        let n = n.min(q.len());
+        self.ready.lock().unwrap().extend(q.drain(..n));
+        self.evt.write(1).unwrap();
+    }
+}
+
+#[test]
+fn worker_threads_reap_owner_polled_back_ends() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let mut g = Guest::new(&mem, false);
+    let disk = Arc::new(Polled {
+        held: Held::default(),
+        ready: Default::default(),
+        evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+        pollers: Default::default(),
+    });
+    let irq = Arc::new(RecordingIrq {
+        mem: mem.clone(),
+        seen: Default::default(),
+    });
+    let mut blk = VirtioBlock::new(
+        disk.clone(),
+        BlockConfig {
+            queue_size: VQ,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let notify = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    for slot in 0..8 {
+        g.post(slot);
+    }
+    VirtioDevice::<GuestMemoryMmap>::activate(
+        &mut blk,
+        GuestMemoryAtomic::new(mem.clone()),
+        0,
+        vec![ActiveQueue {
+            index: 0,
+            queue: g.queue(),
+            notify: notify.clone(),
+        }],
+        irq.clone(),
+    )
+    .unwrap();
+    notify.write(1).unwrap();
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < end, "timed out: {what}");
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    };
+    wait("8 submitted", &|| disk.held.len() == 8);
+    // Nothing completes by itself: only the worker, woken by the eventfd, polls.
+    disk.ready(3);
+    wait("3 used", &|| blk.completions() == 3);
+    disk.ready(5);
+    wait("8 used", &|| blk.completions() == 8);
+    assert_eq!(irq.last(), Some(8));
+    let pollers = disk.pollers.lock().unwrap().clone();
+    assert!(!pollers.is_empty());
+    assert!(pollers.iter().all(|t| *t != std::thread::current().id()));
+    VirtioDevice::<GuestMemoryMmap>::reset(&mut blk);
+}
