@@ -14,6 +14,20 @@
 //! [`BlockError`] that maps to the status the guest sees ([`DeviceStatus`]).
 //! Guest memory is reached only through `vm-memory` volatile slices.
 //!
+//! ## Where completions run
+//!
+//! By default a back-end completes inline (memory, null) or on its own
+//! threads (the thread pool, io_uring's reaper). A device model with its own
+//! event loop can do better with two optional hooks, both defaulted so that
+//! simple back-ends and filters need not care:
+//! [`BlockBackend::plug`]/[`BlockBackend::unplug`] bracket a burst of
+//! submissions (io_uring enters them in a few system calls), and
+//! [`BlockBackend::completion_fd`] hands completion delivery to the owner,
+//! which watches that eventfd and calls [`BlockBackend::poll_completions`] on
+//! its own thread: one thread wake-up per completion batch instead of two.
+//! Single-child filters pass both through; filters over several children do
+//! not offer `completion_fd`.
+//!
 //! ## The durability contract
 //!
 //! - A write completes only when the back-end's [`CacheMode`] promise holds:
