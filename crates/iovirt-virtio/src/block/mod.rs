@@ -45,7 +45,7 @@ use iovirt_backend::{
     BlockBackend, BlockError, BlockResult, Completion, Direction, Features, IoBuffers, Request,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -509,17 +509,36 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
         // One submission system call for the whole pass, where the back-end batches.
         self.backend.plug();
         let mut n = 0;
-        while let Some(chain) = self.queue.pop_descriptor_chain(&**mem) {
-            n += 1;
-            let head = chain.head_index();
-            self.descs.clear();
-            self.descs.extend(chain);
-            self.start(mem, head);
-            self.since_collect += 1;
-            if self.signal_batch != 0 && self.since_collect >= self.signal_batch {
-                self.collect(mem);
-                if self.pending >= self.signal_min {
-                    self.signal_if_needed(mem);
+        loop {
+            // Up to POP_BATCH chain heads for one read of the avail index (the
+            // cache line the driver keeps writing), then process them.
+            let mut heads: [Option<DescriptorChain<&M>>; POP_BATCH] = Default::default();
+            let mut got = 0;
+            match self.queue.iter(&**mem) {
+                Ok(mut avail) => {
+                    for slot in heads.iter_mut() {
+                        let Some(chain) = avail.next() else { break };
+                        *slot = Some(chain);
+                        got += 1;
+                    }
+                }
+                Err(e) => log::debug!("virtio-blk: queue {}: {e}", self.index),
+            }
+            if got == 0 {
+                break;
+            }
+            for chain in heads.iter_mut().take(got).filter_map(Option::take) {
+                n += 1;
+                let head = chain.head_index();
+                self.descs.clear();
+                self.descs.extend(chain);
+                self.start(mem, head);
+                self.since_collect += 1;
+                if self.signal_batch != 0 && self.since_collect >= self.signal_batch {
+                    self.collect(mem);
+                    if self.pending >= self.signal_min {
+                        self.signal_if_needed(mem);
+                    }
                 }
             }
         }
@@ -982,6 +1001,8 @@ const TOKEN_NOTIFY: u64 = 1;
 const TOKEN_DONE: u64 = 2;
 const TOKEN_TIMER: u64 = 3;
 const TOKEN_BACKEND: u64 = 4;
+/// Chain heads taken from the avail ring per read of its index.
+const POP_BATCH: usize = 16;
 /// How long a reset waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
