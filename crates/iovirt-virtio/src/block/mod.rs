@@ -432,11 +432,20 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
     }
 
     /// Whether the avail ring holds chains the device has not popped yet.
+    /// An avail index more than a queue size ahead (a broken driver) holds
+    /// none that can be popped: false, so a polling owner goes to sleep
+    /// instead of spinning on it.
     pub fn has_available(&self) -> bool {
         let mem = self.mem.memory();
-        self.queue
-            .avail_idx(&*mem, Ordering::Acquire)
-            .is_ok_and(|i| i.0 != self.queue.next_avail())
+        self.available_chains(&*mem).is_some_and(|n| n > 0)
+    }
+
+    /// How many chains the avail index claims beyond `next_avail`; `None`
+    /// when it cannot be read or claims more than the queue holds.
+    fn available_chains(&self, mem: &M) -> Option<u16> {
+        let idx = self.queue.avail_idx(mem, Ordering::Acquire).ok()?;
+        let n = idx.0.wrapping_sub(self.queue.next_avail());
+        (n <= self.queue.size()).then_some(n)
     }
 
     /// Ask the driver not to notify the queue (polling mode). With EVENT_IDX
@@ -449,11 +458,19 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
     }
 
     /// Ask the driver to notify the queue again; returns whether chains
-    /// arrived meanwhile (then poll once more before sleeping).
+    /// arrived meanwhile (then poll once more before sleeping). A broken
+    /// avail index counts as none (see [`QueueHandler::has_available`]).
     pub fn enable_notification(&mut self) -> bool {
         let mem = self.mem.memory();
         match self.queue.enable_notification(&*mem) {
-            Ok(more) => more,
+            Ok(false) => false,
+            Ok(true) => {
+                let valid = self.available_chains(&*mem).is_some();
+                if !valid {
+                    log::warn!("virtio-blk: queue {}: invalid avail index", self.index);
+                }
+                valid
+            }
             Err(e) => {
                 log::warn!("virtio-blk: queue {}: {e}", self.index);
                 false

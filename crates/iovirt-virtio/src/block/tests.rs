@@ -659,6 +659,35 @@ fn inline_completions_skip_the_event_and_signal_batches_signal_early() {
 }
 
 #[test]
+fn a_broken_avail_index_is_nothing_to_poll() {
+    let r = Rig::new();
+    let vq = MockSplitQueue::new(&r.mem, 16);
+    let mut h = r.handler(&vq, false);
+    // The driver claims 21 new chains on a 16-entry queue.
+    r.mem
+        .write_obj(21u16.to_le(), GuestAddress(vq.avail_addr().0 + 2))
+        .unwrap();
+    // A polling owner finds nothing to do and may sleep (it used to spin:
+    // has_available said yes, and re-enabling kicks said more had arrived).
+    assert!(!h.has_available());
+    h.disable_notification();
+    h.set_polling(true);
+    assert_eq!(h.poll_queue(), 0);
+    h.set_polling(false);
+    assert!(!h.enable_notification());
+    assert_eq!(used_idx(&vq), 0);
+    // A sane index afterwards works again.
+    r.header(VIRTIO_BLK_T_FLUSH, 0);
+    r.mem
+        .write_obj(0u16.to_le(), GuestAddress(vq.avail_addr().0 + 2))
+        .unwrap();
+    r.push(&vq, &[(HDR, 16, false), (STATUS, 1, true)]);
+    assert!(h.has_available());
+    assert_eq!(h.poll_queue(), 1);
+    assert_eq!(used_idx(&vq), 1);
+}
+
+#[test]
 fn signal_min_publishes_every_chain_but_interrupts_per_k() {
     let r = Rig::new();
     let vq = MockSplitQueue::new(&r.mem, 32);
