@@ -101,6 +101,12 @@ impl Running {
             Running::Dma(h) => h.process_completions(),
         }
     }
+    fn process_backend_event(&mut self, fd: RawFd) {
+        match self {
+            Running::Plain(h) => h.process_backend_event(fd),
+            Running::Dma(h) => h.process_backend_event(fd),
+        }
+    }
     fn inflight(&self) -> usize {
         match self {
             Running::Plain(h) => h.inflight(),
@@ -640,18 +646,14 @@ impl VhostUserBackend for BlkDevice {
                 h.process_completions();
             }
         } else if id == self.backend_event_id() {
-            // Clear the back-end's eventfd, then reap (a completion after
-            // the reap sets it again). Completions of other queues reach
-            // their owners through their own wake-up events.
             if let Some(Some(fd)) = self.0.backend_fd.get() {
-                iovirt_backend::clear_completion_fd(*fd);
-            }
-            match run.handler.as_mut() {
-                // With nothing in flight here, whatever is ready belongs to
-                // other queues (whose workers may have missed the cleared fd).
-                Some(h) if h.inflight() > 0 => h.process_completions(),
-                _ => {
-                    self.0.disk.poll_completions();
+                match run.handler.as_mut() {
+                    Some(h) => h.process_backend_event(*fd),
+                    None => {
+                        // No queue running here: reap for the others.
+                        iovirt_backend::clear_completion_fd(*fd);
+                        self.0.disk.poll_completions();
+                    }
                 }
             }
         } else if id == self.timer_event_id() {

@@ -569,14 +569,31 @@ impl<M: GuestMemory + Send + Sync + 'static> QueueHandler<M> {
     /// used ring and signal the guest if the suppression rules allow.
     pub fn process_completions(&mut self) {
         if self.inflight > 0 {
-            // Completions run here are this thread's own: no wake-up needed.
-            self.done.submitter.store(thread_token(), Ordering::Relaxed);
-            self.backend.poll_completions();
-            self.done.submitter.store(0, Ordering::Relaxed);
+            self.poll_backend();
         }
         let mem = self.mem.memory();
         self.collect(&mem);
         self.signal_if_needed(&mem);
+    }
+
+    /// The back-end's completion eventfd (`fd`, from
+    /// [`BlockBackend::completion_fd`]) fired: clear it, run every ready
+    /// completion (also when none is this queue's: a back-end shared by
+    /// several queues may have woken this one for another, whose owner hears
+    /// of it through its own completion event), then complete this queue's.
+    pub fn process_backend_event(&mut self, fd: std::os::fd::RawFd) {
+        iovirt_backend::clear_completion_fd(fd);
+        self.poll_backend();
+        let mem = self.mem.memory();
+        self.collect(&mem);
+        self.signal_if_needed(&mem);
+    }
+
+    /// Run the back-end's ready completions on this thread; ours need no wake-up.
+    fn poll_backend(&mut self) {
+        self.done.submitter.store(thread_token(), Ordering::Relaxed);
+        self.backend.poll_completions();
+        self.done.submitter.store(0, Ordering::Relaxed);
     }
 
     /// Move finished requests to the used ring.
@@ -1092,13 +1109,8 @@ fn worker_loop<M: GuestMemory + Send + Sync + 'static>(
                 }
                 TOKEN_BACKEND => {
                     if let Some(fd) = backend_fd {
-                        iovirt_backend::clear_completion_fd(fd);
+                        h.process_backend_event(fd);
                     }
-                    // Other queues' completions reach them through their own events.
-                    if h.inflight() == 0 {
-                        h.backend.poll_completions();
-                    }
-                    h.process_completions();
                 }
                 TOKEN_TIMER => {
                     if let Some(t) = timer.as_mut() {
