@@ -232,47 +232,34 @@ pub trait BlockBackend: Send + Sync {
     }
 }
 
-impl<T: BlockBackend + ?Sized> BlockBackend for std::sync::Arc<T> {
-    fn info(&self) -> BlockInfo {
-        (**self).info()
-    }
-    fn submit(&self, req: Request, done: Completion) {
-        (**self).submit(req, done)
-    }
-    fn plug(&self) {
-        (**self).plug()
-    }
-    fn unplug(&self) {
-        (**self).unplug()
-    }
-    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
-        (**self).completion_fd()
-    }
-    fn poll_completions(&self) -> usize {
-        (**self).poll_completions()
-    }
+/// A pointer to a back-end is that back-end: every method forwards.
+macro_rules! forward_backend {
+    ($($ptr:ident)::+) => {
+        impl<T: BlockBackend + ?Sized> BlockBackend for $($ptr)::+<T> {
+            fn info(&self) -> BlockInfo {
+                (**self).info()
+            }
+            fn submit(&self, req: Request, done: Completion) {
+                (**self).submit(req, done)
+            }
+            fn plug(&self) {
+                (**self).plug()
+            }
+            fn unplug(&self) {
+                (**self).unplug()
+            }
+            fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+                (**self).completion_fd()
+            }
+            fn poll_completions(&self) -> usize {
+                (**self).poll_completions()
+            }
+        }
+    };
 }
 
-impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
-    fn info(&self) -> BlockInfo {
-        (**self).info()
-    }
-    fn submit(&self, req: Request, done: Completion) {
-        (**self).submit(req, done)
-    }
-    fn plug(&self) {
-        (**self).plug()
-    }
-    fn unplug(&self) {
-        (**self).unplug()
-    }
-    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
-        (**self).completion_fd()
-    }
-    fn poll_completions(&self) -> usize {
-        (**self).poll_completions()
-    }
-}
+forward_backend!(std::sync::Arc);
+forward_backend!(Box);
 
 /// Clear a [`BlockBackend::completion_fd`] after it fired (it is a
 /// non-blocking eventfd: reading 8 bytes resets it; a clear one just fails),
