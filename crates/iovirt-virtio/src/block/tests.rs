@@ -1108,26 +1108,29 @@ fn coalescing_max_delay_forces_delivery_and_nothing_is_lost() {
     assert_eq!(h.coalescing(), None);
 }
 
-#[test]
-fn coalescing_worker_thread_timer_delivers_stalled_completions() {
+/// A device over `disk` running its worker thread, whose guest posted
+/// `slots` flush requests on queue 0 (size [`VQ`]) and kicked once.
+fn started(
+    disk: Arc<dyn iovirt_backend::BlockBackend>,
+    cfg: BlockConfig,
+    slots: u16,
+) -> (VirtioBlock, Arc<RecordingIrq>) {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
     let mut g = Guest::new(&mem, false);
-    let disk = Arc::new(Held::default());
     let irq = Arc::new(RecordingIrq {
         mem: mem.clone(),
         seen: Default::default(),
     });
     let mut blk = VirtioBlock::new(
-        disk.clone(),
+        disk,
         BlockConfig {
             queue_size: VQ,
-            coalescing: Some(CoalesceParams::default()),
-            ..Default::default()
+            ..cfg
         },
     )
     .unwrap();
     let notify = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
-    for slot in 0..16 {
+    for slot in 0..slots {
         g.post(slot);
     }
     VirtioDevice::<GuestMemoryMmap>::activate(
@@ -1143,13 +1146,29 @@ fn coalescing_worker_thread_timer_delivers_stalled_completions() {
     )
     .unwrap();
     notify.write(1).unwrap();
-    let wait = |what: &str, f: &dyn Fn() -> bool| {
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !f() {
-            assert!(std::time::Instant::now() < end, "timed out: {what}");
-            std::thread::sleep(std::time::Duration::from_micros(50));
-        }
-    };
+    (blk, irq)
+}
+
+/// Wait up to 10 s for `f` (the device's threads run on their own).
+fn wait(what: &str, f: &dyn Fn() -> bool) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < end, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+}
+
+#[test]
+fn coalescing_worker_thread_timer_delivers_stalled_completions() {
+    let disk = Arc::new(Held::default());
+    let (mut blk, irq) = started(
+        disk.clone(),
+        BlockConfig {
+            coalescing: Some(CoalesceParams::default()),
+            ..Default::default()
+        },
+        16,
+    );
     wait("16 submitted", &|| disk.len() == 16);
     // One completion, 15 still in flight (k = 4): only the timer delivers it.
     disk.complete(1);
@@ -1218,50 +1237,13 @@ impl Polled {
 
 #[test]
 fn worker_threads_reap_owner_polled_back_ends() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
-    let mut g = Guest::new(&mem, false);
     let disk = Arc::new(Polled {
         held: Held::default(),
         ready: Default::default(),
         evt: EventFd::new(EFD_NONBLOCK).unwrap(),
         pollers: Default::default(),
     });
-    let irq = Arc::new(RecordingIrq {
-        mem: mem.clone(),
-        seen: Default::default(),
-    });
-    let mut blk = VirtioBlock::new(
-        disk.clone(),
-        BlockConfig {
-            queue_size: VQ,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let notify = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
-    for slot in 0..8 {
-        g.post(slot);
-    }
-    VirtioDevice::<GuestMemoryMmap>::activate(
-        &mut blk,
-        GuestMemoryAtomic::new(mem.clone()),
-        0,
-        vec![ActiveQueue {
-            index: 0,
-            queue: g.queue(),
-            notify: notify.clone(),
-        }],
-        irq.clone(),
-    )
-    .unwrap();
-    notify.write(1).unwrap();
-    let wait = |what: &str, f: &dyn Fn() -> bool| {
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !f() {
-            assert!(std::time::Instant::now() < end, "timed out: {what}");
-            std::thread::sleep(std::time::Duration::from_micros(50));
-        }
-    };
+    let (mut blk, irq) = started(disk.clone(), BlockConfig::default(), 8);
     wait("8 submitted", &|| disk.held.len() == 8);
     // Nothing completes by itself: only the worker, woken by the eventfd, polls.
     disk.ready(3);
