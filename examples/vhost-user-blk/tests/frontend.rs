@@ -52,6 +52,26 @@ impl Drop for Daemon {
     }
 }
 
+/// Wait for `n` completions on `q` and return their results.
+fn wait_on(q: &mut Blkioq, n: usize) -> Vec<i32> {
+    let mut done: Vec<MaybeUninit<blkio::Completion>> =
+        (0..n).map(|_| MaybeUninit::uninit()).collect();
+    let mut got = Vec::new();
+    while got.len() < n {
+        let mut t = Duration::from_secs(10);
+        let from = got.len();
+        let k = q
+            .do_io(&mut done[from..], 1, Some(&mut t), None)
+            .expect("do_io");
+        assert!(k > 0, "no completion within 10 s");
+        for c in done.iter().skip(from).take(k) {
+            // SAFETY: do_io initialised the first `k` entries of the slice it was given.
+            got.push(unsafe { c.assume_init_ref() }.ret);
+        }
+    }
+    got
+}
+
 /// A connected libblkio frontend with one queue and a 1 MiB buffer region.
 struct Frontend {
     b: Blkio,
@@ -61,6 +81,13 @@ struct Frontend {
 
 impl Frontend {
     fn connect(socket: &Path) -> Frontend {
+        let (b, mut qs, region) = Self::connect_queues(socket, 1);
+        let q = qs.pop().expect("a queue");
+        Frontend { b, q, region }
+    }
+
+    /// Connect with `n` queues and a 1 MiB mapped buffer region.
+    fn connect_queues(socket: &Path, n: i32) -> (Blkio, Vec<Blkioq>, MemoryRegion) {
         // The socket file exists from bind() on, a moment before listen(), and
         // the daemon accepts the next frontend only once the previous one's
         // device is dropped: on a loaded machine a first connect can be
@@ -79,12 +106,11 @@ impl Frontend {
                 Err(e) => panic!("connect: {e}"),
             }
         };
-        b.set_i32("num-queues", 1).expect("num-queues");
-        let mut started = b.start().expect("start");
-        let q = started.queues.pop().expect("a queue");
+        b.set_i32("num-queues", n).expect("num-queues");
+        let started = b.start().expect("start");
         let region = b.alloc_mem_region(1 << 20).expect("alloc");
         b.map_mem_region(&region).expect("map");
-        Frontend { b, q, region }
+        (b, started.queues, region)
     }
 
     fn buf(&self) -> *mut u8 {
@@ -93,22 +119,7 @@ impl Frontend {
 
     /// Wait for `n` completions and return their results.
     fn wait(&mut self, n: usize) -> Vec<i32> {
-        let mut done: Vec<MaybeUninit<blkio::Completion>> =
-            (0..n).map(|_| MaybeUninit::uninit()).collect();
-        let mut got = Vec::new();
-        while got.len() < n {
-            let mut t = Duration::from_secs(10);
-            let k = self
-                .q
-                .do_io(&mut done[got.len()..], 1, Some(&mut t), None)
-                .expect("do_io");
-            assert!(k > 0, "no completion within 10 s");
-            for c in done.iter().take(k) {
-                // SAFETY: do_io initialised the first `k` entries of the slice it was given.
-                got.push(unsafe { c.assume_init_ref() }.ret);
-            }
-        }
-        got
+        wait_on(&mut self.q, n)
     }
 
     fn write_pattern(&mut self, offset: u64, seed: u8) {
@@ -217,46 +228,30 @@ fn io_uring_completions_are_reaped_by_both_queue_workers() {
     // Without polling, only the eventfd registration brings completions in.
     let mut d = Daemon::start_with(dir.path(), &spec, &["--poll-us", "0"]);
 
-    let connect = |socket: &Path| {
-        let mut b = Blkio::new("virtio-blk-vhost-user").expect("driver");
-        b.set_str("path", socket.to_str().expect("utf-8 path"))
-            .expect("path");
-        let t = Instant::now();
-        while let Err(e) = b.connect() {
-            assert!(t.elapsed() < Duration::from_secs(5), "connect: {e}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        b.set_i32("num-queues", 2).expect("num-queues");
-        let started = b.start().expect("start");
-        let region = b.alloc_mem_region(1 << 20).expect("alloc");
-        b.map_mem_region(&region).expect("map");
-        (b, started.queues, region)
-    };
     let wait = |q: &mut Blkioq, n: usize| {
-        let mut done: Vec<MaybeUninit<blkio::Completion>> =
-            (0..n).map(|_| MaybeUninit::uninit()).collect();
-        let mut got = 0;
-        while got < n {
-            let mut t = Duration::from_secs(10);
-            let k = q
-                .do_io(&mut done[got..], 1, Some(&mut t), None)
-                .expect("do_io");
-            assert!(k > 0, "no completion within 10 s");
-            for c in done.iter().skip(got).take(k) {
-                // SAFETY: do_io initialised the entries it reported.
-                assert_eq!(unsafe { c.assume_init_ref() }.ret, 0, "request failed");
-            }
-            got += k;
-        }
+        assert!(wait_on(q, n).iter().all(|&r| r == 0), "request failed");
     };
 
-    let (_b, mut qs, region) = connect(&d.socket);
+    // Block `block` (4 KiB) read into its place in the region at `base`.
+    let read4k = |q: &mut Blkioq, base: *mut u8, block: usize, tag: usize| {
+        let off = block << 12;
+        q.read(
+            off as u64,
+            base.wrapping_add(off),
+            4096,
+            tag,
+            ReqFlags::empty(),
+        );
+    };
+    let pattern = |i: usize| (i as u8).wrapping_mul(13).wrapping_add(5);
+
+    let (_b, mut qs, region) = Frontend::connect_queues(&d.socket, 2);
     assert_eq!(qs.len(), 2);
     let base = region.addr as *mut u8;
     // SAFETY: the region is 1 MiB of our own shared memory.
     let buf = unsafe { std::slice::from_raw_parts_mut(base, 1 << 20) };
     for (i, b) in buf.iter_mut().enumerate() {
-        *b = (i as u8).wrapping_mul(13).wrapping_add(5);
+        *b = pattern(i);
     }
     // 64 KiB writes, alternating queues, all in flight at once.
     for i in 0..16usize {
@@ -278,30 +273,17 @@ fn io_uring_completions_are_reaped_by_both_queue_workers() {
     // submitted it, so none waits for the 50 ms watchdog.
     let t = Instant::now();
     for i in 0..200usize {
-        let off = (i % 256) << 12;
-        qs[1].read(
-            off as u64,
-            base.wrapping_add(off),
-            4096,
-            i,
-            ReqFlags::empty(),
-        );
+        read4k(&mut qs[1], base, i % 256, i);
         wait(&mut qs[1], 1);
     }
     let took = t.elapsed();
     assert!(took < Duration::from_secs(5), "200 reads took {took:?}");
     for (i, b) in buf.iter().enumerate() {
-        assert_eq!(*b, (i as u8).wrapping_mul(13).wrapping_add(5), "byte {i}");
+        assert_eq!(*b, pattern(i), "byte {i}");
     }
     // Vanish with reads in flight on both queues.
     for i in 0..32usize {
-        qs[i % 2].read(
-            (i as u64) << 12,
-            base.wrapping_add(i << 12),
-            4096,
-            i,
-            ReqFlags::empty(),
-        );
+        read4k(&mut qs[i % 2], base, i, i);
     }
     for q in qs.iter_mut() {
         let _ = q.do_io(&mut [], 0, None, None);
@@ -310,18 +292,12 @@ fn io_uring_completions_are_reaped_by_both_queue_workers() {
     drop(_b);
     d.assert_running();
     // The next frontend reads the same data.
-    let (_b, mut qs, region) = connect(&d.socket);
+    let (_b, mut qs, region) = Frontend::connect_queues(&d.socket, 2);
     let base = region.addr as *mut u8;
     // SAFETY: as above, the new frontend's own region.
     unsafe { std::ptr::write_bytes(base, 0, 1 << 20) };
     for i in 0..256usize {
-        qs[i % 2].read(
-            (i as u64) << 12,
-            base.wrapping_add(i << 12),
-            4096,
-            i,
-            ReqFlags::empty(),
-        );
+        read4k(&mut qs[i % 2], base, i, i);
     }
     for q in qs.iter_mut() {
         wait(q, 128);
@@ -329,11 +305,7 @@ fn io_uring_completions_are_reaped_by_both_queue_workers() {
     // SAFETY: as above.
     let buf = unsafe { std::slice::from_raw_parts(base, 1 << 20) };
     for (i, b) in buf.iter().enumerate() {
-        assert_eq!(
-            *b,
-            (i as u8).wrapping_mul(13).wrapping_add(5),
-            "byte {i} after reconnect"
-        );
+        assert_eq!(*b, pattern(i), "byte {i} after reconnect");
     }
     d.assert_running();
 }
