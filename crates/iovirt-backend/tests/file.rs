@@ -651,12 +651,6 @@ fn readable(fd: i32, ms: i32) -> bool {
     unsafe { libc::poll(&mut p, 1, ms) == 1 }
 }
 
-fn clear(fd: i32) {
-    let mut v = 0u64;
-    // SAFETY: reads 8 bytes into a live local; the eventfd is non-blocking.
-    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
-}
-
 /// Writes of `i as u8` to 4 KiB block `i`, reporting the completing thread.
 fn submit_writes(b: &dyn BlockBackend, n: u64, tx: &mpsc::Sender<(std::thread::ThreadId, bool)>) {
     for i in 0..n {
@@ -700,7 +694,7 @@ fn an_owner_polls_io_uring_completions_on_its_own_thread() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while got.len() < want && std::time::Instant::now() < deadline {
         if readable(fd, 1000) {
-            clear(fd);
+            iovirt_backend::clear_completion_fd(fd);
         }
         u.poll_completions();
         got.extend(rx.try_iter());
